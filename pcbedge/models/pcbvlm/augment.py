@@ -1,0 +1,35 @@
+"""Box-preserving augmentations: the 8 dihedral transforms (flips, 90-degree rotations), crops."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def dihedral(img: np.ndarray, boxes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Apply transform k in 0..7 to an [..., H, W] array and its [n,4] boxes (x1,y1,x2,y2)."""
+    h, w = img.shape[-2:]
+    b = boxes.astype(np.float32).copy()
+    if k & 4:  # transpose
+        img = np.swapaxes(img, -1, -2)
+        b = b[:, [1, 0, 3, 2]]
+        h, w = w, h
+    if k & 1:  # horizontal flip
+        img = img[..., :, ::-1]
+        b = np.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], 1) if len(b) else b
+    if k & 2:  # vertical flip
+        img = img[..., ::-1, :]
+        b = np.stack([b[:, 0], h - b[:, 3], b[:, 2], h - b[:, 1]], 1) if len(b) else b
+    return np.ascontiguousarray(img), b.reshape(-1, 4)
+
+
+def crop(img: np.ndarray, boxes: np.ndarray, types: np.ndarray, x0: int, y0: int, size: int,
+         min_visible: float = 0.5):
+    """Crop [..., y0:y0+size, x0:x0+size]; keep boxes with >= min_visible of their area inside."""
+    out = img[..., y0:y0 + size, x0:x0 + size]
+    if not len(boxes):
+        return out, boxes, types
+    c = boxes - np.array([x0, y0, x0, y0], np.float32)
+    cl = np.clip(c, 0, size)
+    area = (c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1])
+    vis = (cl[:, 2] - cl[:, 0]).clip(0) * (cl[:, 3] - cl[:, 1]).clip(0)
+    keep = vis >= min_visible * np.maximum(area, 1e-6)
+    return out, cl[keep], types[keep]

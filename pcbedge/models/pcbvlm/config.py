@@ -1,0 +1,71 @@
+"""Configuration of the reference PCB VLM (config.json in the Hugging Face layout). No torch."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pcbedge.errors import ModelError
+
+MODEL_TYPE = "pcbvlm"
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    widths: tuple[int, ...] = (24, 32, 48, 64, 96)   # stem s2, s4, s8, s16, s32
+    fpn_ch: int = 48
+    head_ch: int = 48
+    num_classes: int = 6
+    num_regions: int = 32
+    stride: int = 4          # heatmap stride
+    token_stride: int = 32   # visual token stride
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 505    # text vocabulary incl. specials, plus the region pointer tokens
+    num_regions: int = 32
+    d_model: int = 128
+    n_layers: int = 3
+    n_heads: int = 4
+    d_ff: int = 512
+    max_text_len: int = 96
+
+    @property
+    def text_vocab(self) -> int:
+        return self.vocab_size - self.num_regions
+
+
+@dataclass(frozen=True)
+class PcbVlmConfig:
+    input_size: int = 640
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    min_region_score: float = 0.05
+    model_type: str = MODEL_TYPE
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PcbVlmConfig":
+        if d.get("model_type") != MODEL_TYPE:
+            raise ModelError(f"config model_type is {d.get('model_type')!r}, not {MODEL_TYPE!r}")
+        v = dict(d.get("vision", {}))
+        if "widths" in v:
+            v["widths"] = tuple(v["widths"])
+        return cls(input_size=d.get("input_size", 640), vision=VisionConfig(**v),
+                   text=TextConfig(**d.get("text", {})),
+                   min_region_score=d.get("min_region_score", 0.05))
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "PcbVlmConfig":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise ModelError(f"cannot read model config {path}: {e}",
+                             fix="a model folder holds config.json, model.safetensors, "
+                                 "tokenizer.json, generation_config.json") from None

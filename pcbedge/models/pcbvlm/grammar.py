@@ -1,0 +1,186 @@
+"""The answer language of the reference PCB VLM, its constrained decoding state and rendering.
+
+Pure numpy and torch-free: the ONNX runner uses it on device. The token ids come from the
+manifest's ``grammar`` block (see :func:`grammar_spec`), so the runner never guesses them.
+
+    answer  := INTENT FILTER (TYPE REGION)* EOS      |  <q_unsupported> EOS
+    INTENT  := <q_where> | <q_count> | <q_exists> | <q_describe>
+    FILTER  := <f_all> | <f_open> | ... | <f_pin_hole>
+    TYPE    := <t_open> | ... (only the filter's type unless <f_all>)
+    REGION  := <r_k>, k a proposal of the vision head with score >= min_region_score and
+               k greater than every region already reported (each proposal at most once)
+
+A REGION token points at a proposal of the defect head: the box comes from the visual evidence,
+so the decoder can omit a defect but never invent a box that nothing in the image supports.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DEFECT_TYPES = ("open", "short", "mousebite", "spur", "spurious_copper", "pin_hole")
+INTENTS = ("where", "count", "exists", "describe", "unsupported")
+SPECIAL_TOKENS = (["[PAD]", "[UNK]", "<bos>", "<sep>", "<eos>"]
+                  + [f"<q_{k}>" for k in INTENTS]
+                  + ["<f_all>"] + [f"<f_{t}>" for t in DEFECT_TYPES]
+                  + [f"<t_{t}>" for t in DEFECT_TYPES])
+DISPLAY = {"open": "open", "short": "short", "mousebite": "mousebite", "spur": "spur",
+           "spurious_copper": "spurious copper", "pin_hole": "pin-hole"}
+
+
+def grammar_spec(vocab: dict[str, int], num_regions: int, min_region_score: float,
+                 calibration: dict) -> dict:
+    """The JSON block a manifest carries so any runner can decode this answer language."""
+    return {
+        "kind": "pcbvlm-pointer-v1",
+        "bos": vocab["<bos>"], "sep": vocab["<sep>"], "eos": vocab["<eos>"], "pad": vocab["[PAD]"],
+        "intents": {k: vocab[f"<q_{k}>"] for k in INTENTS},
+        "filters": {"all": vocab["<f_all>"], **{t: vocab[f"<f_{t}>"] for t in DEFECT_TYPES}},
+        "types": {t: vocab[f"<t_{t}>"] for t in DEFECT_TYPES},
+        "region_offset": vocab["<r_0>"], "num_regions": num_regions,
+        "min_region_score": min_region_score,
+        "calibration": calibration,
+    }
+
+
+@dataclass
+class DecodeState:
+    """Where constrained greedy decoding stands; ``allowed`` gives the logit mask."""
+    spec: dict
+    region_scores: np.ndarray            # [K] evidence score of each proposal
+    phase: str = "intent"                # intent -> filter -> type <-> region -> done
+    intent: str | None = None
+    filter: str | None = None
+    last_region: int = -1
+    pending_type: str | None = None
+    pending_logp: float = 0.0
+    defects: list = field(default_factory=list)   # (type, region_index, logp)
+    done: bool = False
+
+    def vocab_size(self) -> int:
+        return self.spec["region_offset"] + self.spec["num_regions"]
+
+    def allowed(self) -> np.ndarray:
+        s = self.spec
+        ids: list[int]
+        if self.phase == "intent":
+            ids = list(s["intents"].values())
+        elif self.phase == "filter":
+            ids = [s["eos"]] if self.intent == "unsupported" else list(s["filters"].values())
+        elif self.phase == "type":
+            types = DEFECT_TYPES if self.filter == "all" else (self.filter,)
+            ids = [s["eos"]]
+            if self._any_region_left():
+                ids += [s["types"][t] for t in types]
+        else:  # region
+            k = np.arange(len(self.region_scores))
+            ok = (k > self.last_region) & (self.region_scores >= s["min_region_score"])
+            ids = list(s["region_offset"] + k[ok])
+        mask = np.zeros(self.vocab_size(), dtype=bool)
+        mask[ids] = True
+        return mask
+
+    def _any_region_left(self) -> bool:
+        k = np.arange(len(self.region_scores))
+        return bool(np.any((k > self.last_region)
+                           & (self.region_scores >= self.spec["min_region_score"])))
+
+    def step(self, logits: np.ndarray) -> int:
+        """Pick the best allowed token from ``logits`` [V+K], advance, return the token id."""
+        mask = self.allowed()
+        z = np.where(mask, logits.astype(np.float64), -np.inf)
+        tok = int(np.argmax(z))
+        logp = float(z[tok] - _logsumexp(z[mask]))
+        self.advance(tok, logp)
+        return tok
+
+    def advance(self, tok: int, logp: float = 0.0) -> None:
+        s = self.spec
+        if tok == s["eos"]:
+            self.phase, self.done = "done", True
+        elif self.phase == "intent":
+            self.intent = _key_of(s["intents"], tok)
+            self.phase = "filter"
+        elif self.phase == "filter":
+            self.filter = _key_of(s["filters"], tok)
+            self.phase = "type"
+        elif self.phase == "type":
+            self.pending_type, self.pending_logp = _key_of(s["types"], tok), logp
+            self.phase = "region"
+        elif self.phase == "region":
+            k = tok - s["region_offset"]
+            self.defects.append((self.pending_type, k, self.pending_logp + logp))
+            self.last_region = k
+            self.phase = "type"
+        else:
+            raise ValueError(f"token {tok} after the answer ended")
+
+
+def _key_of(d: dict, tok: int) -> str:
+    for k, v in d.items():
+        if v == tok:
+            return k
+    raise ValueError(f"token {tok} is not one of {sorted(d.values())}")
+
+
+def _logsumexp(z: np.ndarray) -> float:
+    m = float(np.max(z))
+    return m + math.log(float(np.sum(np.exp(z - m))))
+
+
+def calibrate(logp: float, calibration: dict) -> float:
+    """Raw joint log-probability of (type, region) -> calibrated confidence (Platt on logit)."""
+    p = min(max(math.exp(logp), 1e-6), 1 - 1e-6)
+    z = math.log(p / (1 - p))
+    a, b = calibration.get("a", 1.0), calibration.get("b", 0.0)
+    return 1.0 / (1.0 + math.exp(-(a * z + b)))
+
+
+def build_answer(state: DecodeState, boxes: np.ndarray, to_original, question: str = "") -> dict:
+    """Render the decoded structure as the answer JSON (boxes mapped to original pixels)."""
+    cal = state.spec.get("calibration", {})
+    defects = []
+    for t, k, logp in state.defects:
+        x1, y1, x2, y2 = (round(float(v), 1) for v in to_original(boxes[k]))
+        defects.append({"type": t, "bbox": [x1, y1, x2, y2],
+                        "center": [round((x1 + x2) / 2, 1), round((y1 + y2) / 2, 1)],
+                        "confidence": round(calibrate(logp, cal), 4), "region": int(k)})
+    intent = state.intent or "unsupported"
+    if not state.done:
+        intent_note = " (answer cut at the token limit)"
+    else:
+        intent_note = ""
+    return {"answer": render_sentence(intent, state.filter, defects) + intent_note,
+            "intent": intent, "filter": state.filter, "count": len(defects),
+            "defects": defects, "complete": state.done}
+
+
+def _name(t: str | None, n: int) -> str:
+    if t in (None, "all"):
+        return "defect" if n == 1 else "defects"
+    base = DISPLAY[t]
+    return base if n == 1 else ("spurious copper areas" if t == "spurious_copper" else base + "s")
+
+
+def _where(defects: list) -> str:
+    return "; ".join(f"{DISPLAY[d['type']]} at ({d['bbox'][0]:.0f}, {d['bbox'][1]:.0f})-"
+                     f"({d['bbox'][2]:.0f}, {d['bbox'][3]:.0f}), confidence {d['confidence']:.2f}"
+                     for d in defects)
+
+
+def render_sentence(intent: str, filt: str | None, defects: list) -> str:
+    n = len(defects)
+    if intent == "unsupported":
+        return ("I can only report these defect types: "
+                + ", ".join(DISPLAY[t] for t in DEFECT_TYPES) + ".")
+    what = _name(filt, n)
+    if n == 0:
+        none = f"No {_name(filt, 2)} found." if filt not in (None, "all") else "No defects found."
+        return ("No. " + none) if intent == "exists" else none
+    if intent == "count":
+        return f"There {'is' if n == 1 else 'are'} {n} {what}: {_where(defects)}."
+    if intent == "exists":
+        return f"Yes, {n} {what}: {_where(defects)}."
+    return f"Found {n} {what}: {_where(defects)}."

@@ -1,0 +1,184 @@
+"""Stage B (projector + decoder on cached vision outputs) and stage C (confidence calibration)."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pcbedge.data.deeppcb import DEFECT_TYPES
+from pcbedge.data.qa import QA, QuestionGenerator
+from pcbedge.models.pcbvlm.augment import dihedral
+from pcbedge.models.pcbvlm.tokenizer import encode_question
+
+IGNORE = -100
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if not len(a) or not len(b):
+        return np.zeros((len(a), len(b)), np.float32)
+    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = (x2 - x1).clip(0) * (y2 - y1).clip(0)
+    aa = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    ab = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / np.maximum(aa[:, None] + ab[None, :] - inter, 1e-6)
+
+
+def match_regions(prop_boxes: np.ndarray, gt_boxes: np.ndarray, gt_types: np.ndarray,
+                  thr: float) -> np.ndarray:
+    """Greedy one-to-one matching by IoU; returns the GT type id per proposal, -1 if none."""
+    out = np.full(len(prop_boxes), -1, np.int64)
+    m = iou_matrix(prop_boxes, gt_boxes)
+    used_p, used_g = set(), set()
+    for flat in np.argsort(-m, axis=None):
+        p, g = divmod(int(flat), m.shape[1])
+        if m[p, g] < thr:
+            break
+        if p in used_p or g in used_g:
+            continue
+        used_p.add(p), used_g.add(g)
+        out[p] = gt_types[g]
+    return out
+
+
+@torch.no_grad()
+def cache_vision(model, boards, n_dihedral: int, thr: float) -> list[dict]:
+    """Run the frozen vision encoder on whole boards under dihedral transforms."""
+    from pcbedge.models.pcbvlm.train import _to_input
+    items = []
+    for bd in tqdm(boards, desc="stage B: caching vision outputs", unit="board"):
+        xs, gts = [], []
+        for k in range(n_dihedral):
+            img, boxes = dihedral(bd.img, bd.boxes, k)
+            xs.append(_to_input(img)), gts.append(boxes)
+        c32, boxes, scores, raw, _, _ = model.vision(torch.from_numpy(np.stack(xs)))
+        for i in range(n_dihedral):
+            items.append({"c32": c32[i].clone(), "raw": raw[i].clone(),
+                          "match": match_regions(boxes[i].numpy(), gts[i], bd.types, thr)})
+    return items
+
+
+def answer_ids(spec: dict, qa: QA, match: np.ndarray) -> list[int]:
+    """The target answer sequence for a question, given the proposals' matched types."""
+    if qa.kind == "unsupported":
+        return [spec["intents"]["unsupported"], spec["eos"]]
+    filt = qa.filter or "all"
+    ids = [spec["intents"][qa.kind], spec["filters"][filt]]
+    for k in np.nonzero(match >= 0)[0]:
+        t = DEFECT_TYPES[int(match[k])]
+        if filt == "all" or t == filt:
+            ids += [spec["types"][t], spec["region_offset"] + int(k)]
+    return ids + [spec["eos"]]
+
+
+def make_batch(model, items, rng: random.Random, gen: QuestionGenerator, fc, max_q: int):
+    spec, tok = model.spec, model.tokenizer
+    unk = tok.token_to_id("[UNK]")
+    seqs, labels, c32, raw = [], [], [], []
+    for _ in range(fc.batch_b):
+        it = items[rng.randrange(len(items))]
+        present = {DEFECT_TYPES[int(t)] for t in it["match"] if t >= 0}
+        qa = gen.sample(present)
+        q = encode_question(tok, qa.question, max_q)
+        q = [q[0]] + [unk if rng.random() < fc.word_dropout else t for t in q[1:-1]] + [q[-1]]
+        a = answer_ids(spec, qa, it["match"])
+        s = q + a
+        seqs.append(s[:-1])
+        labels.append([IGNORE] * (len(q) - 1) + a)
+        c32.append(it["c32"]), raw.append(it["raw"])
+    n = max(len(s) for s in seqs)
+    pad = spec["pad"]
+    ids = torch.tensor([s + [pad] * (n - len(s)) for s in seqs])
+    lab = torch.tensor([l + [IGNORE] * (n - len(l)) for l in labels])
+    return ids, lab, torch.stack(c32), torch.stack(raw)
+
+
+def part_of(spec: dict) -> dict[int, str]:
+    parts = {v: "intent" for v in spec["intents"].values()}
+    parts.update({v: "filter" for v in spec["filters"].values()})
+    parts.update({v: "type" for v in spec["types"].values()})
+    parts[spec["eos"]] = "eos"
+    return parts
+
+
+def train_decoder(model, items, fc, logf) -> None:
+    rng = random.Random(fc.seed + 1)
+    torch.manual_seed(fc.seed + 1)
+    gen = QuestionGenerator(seed=fc.seed + 1, split="train")
+    params = list(model.projector.parameters()) + list(model.decoder.parameters())
+    opt = torch.optim.AdamW(params, lr=fc.lr_b, weight_decay=0.01)
+    model.projector.train(), model.decoder.train()
+    spec = model.spec
+    parts = part_of(spec)
+    max_q = model.cfg.text.max_text_len // 2
+    t0, budget, step, last = time.time(), fc.minutes_b * 60, 0, 0
+    bar = tqdm(total=int(budget), desc="stage B: language (s)", unit="s")
+    while step < fc.steps_b and time.time() - t0 < budget:
+        frac = (time.time() - t0) / budget
+        for g in opt.param_groups:
+            g["lr"] = fc.lr_b * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))) * min(1, (step + 1) / 100)
+        ids, lab, c32, raw = make_batch(model, items, rng, gen, fc, max_q)
+        vis, reg = model.projector(c32, raw)
+        n_vis = vis.shape[1]
+        keep = n_vis if rng.random() < 0.3 else max(8, int(n_vis * rng.uniform(0.05, 1.0)))
+        idx = torch.stack([torch.randperm(n_vis)[:keep].sort().values for _ in range(len(ids))])
+        vis = torch.gather(vis, 1, idx.unsqueeze(2).expand(-1, -1, vis.shape[2]))
+        logits = model.decoder.forward_full(vis, reg, ids)
+        loss_all = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1),
+                                   ignore_index=IGNORE, reduction="none").reshape(lab.shape)
+        valid = lab != IGNORE
+        loss = loss_all[valid].mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % 25 == 0:
+            rec = {"stage": "B", "step": step, "s": round(time.time() - t0, 1),
+                   "loss": round(loss.item(), 4), "keep": keep}
+            for name in ("intent", "filter", "type", "eos", "region"):
+                sel = valid & _is_part(lab, parts, name, spec)
+                if sel.any():
+                    rec[name] = round(loss_all[sel].mean().item(), 4)
+            logf.write(json.dumps(rec) + "\n"), logf.flush()
+            bar.set_postfix(loss=f"{loss.item():.3f}", step=step)
+        now = int(time.time() - t0)
+        bar.update(now - last)
+        last = now
+    bar.close()
+    model.eval()
+
+
+def _is_part(lab, parts, name, spec):
+    if name == "region":
+        return lab >= spec["region_offset"]
+    ids = [k for k, v in parts.items() if v == name]
+    return torch.isin(lab, torch.tensor(ids))
+
+
+def fit_platt(logps: list[float], correct: list[bool], iters: int = 200) -> dict:
+    """Fit conf = sigmoid(a * logit(p) + b) by Newton's method on the log-likelihood."""
+    if len(logps) < 10 or all(correct) or not any(correct):
+        return {"a": 1.0, "b": 0.0, "n": len(logps), "method": "identity (too few / one class)"}
+    p = np.clip(np.exp(np.array(logps)), 1e-6, 1 - 1e-6)
+    z = np.log(p / (1 - p))
+    y = np.array(correct, np.float64)
+    X = np.stack([z, np.ones_like(z)], 1)
+    w = np.array([1.0, 0.0])
+    for _ in range(iters):
+        q = 1 / (1 + np.exp(-(X @ w)))
+        g = X.T @ (q - y) + 1e-3 * w
+        H = X.T @ (X * (q * (1 - q))[:, None]) + 1e-3 * np.eye(2)
+        step = np.linalg.solve(H, g)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return {"a": float(w[0]), "b": float(w[1]), "n": len(logps), "method": "platt on logit(p)"}
