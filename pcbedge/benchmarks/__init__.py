@@ -1,0 +1,1 @@
+"""Accuracy metrics, latency statistics and the HTML benchmark report (numpy + stdlib + Pillow)."""
