@@ -1,0 +1,380 @@
+"""The ``pcbedge`` command: a thin click shell over :mod:`pcbedge.api`.
+
+Each command parses its options and calls one API verb. Heavy libraries are imported inside the
+verbs, so ``pcbedge --help`` and ``pcbedge targets`` never load torch, onnx or tensorrt. A
+:class:`~pcbedge.errors.PcbEdgeError` becomes ``error: <message>`` on stderr and the error's own
+exit code (docs/errors.md), without a traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import click
+
+from pcbedge import __version__
+from pcbedge.errors import (BundleError, DatasetError, DependencyError, GateFailed, InputImageError,
+                            OutputError, PcbEdgeError)
+
+EXIT_INTERRUPTED = 130
+# Top-level modules of the optional extras -> the extra that installs them (pyproject.toml).
+OPTIONAL_MODULES = {"torch": "export", "onnx": "export", "onnxscript": "export",
+                    "safetensors": "export", "transformers": "export",
+                    "onnx_graphsurgeon": "export", "tensorrt": "tensorrt", "polygraphy": "tensorrt"}
+
+
+class _Group(click.Group):
+    """Maps typed errors to their exit codes inside click, so ``main()`` and click's test runner
+    behave the same."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except PcbEdgeError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except ModuleNotFoundError as e:
+            extra = OPTIONAL_MODULES.get((e.name or "").split(".")[0])
+            if extra is None:
+                raise
+            err = DependencyError(f"{e.name} is not installed; this command needs the [{extra}] "
+                                  "extra", fix=f"pip install 'pcbedge[{extra}]'")
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pcbedge")
+def cli() -> None:
+    """Deploy the PCB-inspection VLM to edge targets: export, build, bench, ask."""
+
+
+@cli.command()
+@click.option("--model", "model_dir", type=click.Path(path_type=Path),
+              help="Fine-tuned model folder (default: the shipped reference model).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bundles/export"),
+              show_default=True, help="Folder for the ONNX graphs and manifest.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty --out.")
+@click.option("--no-check", is_flag=True, help="Skip the ONNX-vs-PyTorch comparison.")
+def export(model_dir, out_dir, overwrite, no_check) -> None:
+    """Export a model to checked ONNX graphs + manifest.
+
+    Needs the [export] extra."""
+    from pcbedge import api
+    out = api.export_model(model_dir, out_dir, overwrite=overwrite, check=not no_check)
+    click.echo(f"exported to {out}")
+
+
+@cli.command()
+@click.option("--target", required=True, help="A target name (pcbedge targets) or a .toml path.")
+@click.option("--export", "export_dir", type=click.Path(path_type=Path),
+              default=Path("bundles/export"), show_default=True, help="Output of pcbedge export.")
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help="DeepPCB-layout boards for INT8 calibration (default: the shipped sample).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help="Bundle folder (default: bundles/<target>).")
+@click.option("--keep-ratio", type=float, help="Override the profile's visual-token keep ratio.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty --out.")
+def build(target, export_dir, calibration, out_dir, keep_ratio, overwrite) -> None:
+    """Build a deployable bundle for a target from an export."""
+    from pcbedge import api
+    from pcbedge.targets import load_target
+    load_target(target)  # a wrong target fails here, before the quantizers are imported
+    out = api.build_bundle(target, export_dir, out_dir, calibration=calibration,
+                           keep_ratio=keep_ratio, overwrite=overwrite)
+    click.echo(f"bundle written to {out}")
+
+
+GATE_OPTIONS = ("p95_ms_max", "max_map_drop", "max_count_drop", "max_hallucination_rise", "min_map")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), help="DeepPCB-layout board folder.")
+@click.option("--list", "list_file", type=click.Path(path_type=Path), help="List file of boards.")
+@click.option("--reference", type=click.Path(path_type=Path), help="Bundle to compare against.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Report folder.")
+@click.option("--queries", type=click.IntRange(min=1), help="Timed queries.")
+@click.option("--min-seconds", type=click.FloatRange(min=0), help="Minimum timed duration.")
+@click.option("--p95-ms-max", type=float, help="Gate override: p95 latency (ms).")
+@click.option("--max-map-drop", type=float, help="Gate override: mAP drop vs the reference.")
+@click.option("--max-count-drop", type=float, help="Gate override: count-accuracy drop.")
+@click.option("--max-hallucination-rise", type=float, help="Gate override: hallucination rise.")
+@click.option("--min-map", type=float, help="Gate override: absolute mAP floor.")
+@click.option("--sweep", is_flag=True, help="Also sweep the pruning keep ratio.")
+@click.option("--robustness", is_flag=True, help="Also run the image-corruption checks.")
+@click.option("--boards", "max_boards", type=click.IntRange(min=1), help="Use at most N boards.")
+def bench(bundle, data, list_file, reference, out_dir, queries, min_seconds, sweep, robustness,
+          max_boards, **gate_values) -> None:
+    """Measure a bundle's latency and accuracy drift against gates.
+
+    Exits with code 3 when a gate is missed."""
+    from pcbedge import api
+    gates = {k: v for k, v in gate_values.items() if k in GATE_OPTIONS and v is not None}
+    report = api.run_benchmark(bundle, data=data, list_file=list_file, reference=reference,
+                               out_dir=out_dir, queries=queries, min_seconds=min_seconds,
+                               gates=gates, sweep=sweep, robustness=robustness,
+                               max_boards=max_boards)
+    if not report["passed"]:
+        raise GateFailed(f"benchmark of {bundle}: gate(s) missed: {_failed_gates(report)}",
+                         fix="see the report; rebuild with another recipe or relax the gate")
+    click.echo(f"benchmark of {bundle}: all gates passed")
+
+
+def _failed_gates(report: dict) -> str:
+    gates = report.get("gates")
+    if isinstance(gates, dict):
+        failed = [name for name, g in gates.items()
+                  if isinstance(g, dict) and g.get("passed") is False]
+        if failed:
+            return ", ".join(failed)
+    return "see the report"
+
+
+@cli.command()
+@click.argument("args", nargs=-1, metavar="[BUNDLE] [QUESTION]")
+@click.option("--model", type=click.Path(path_type=Path),
+              help="PyTorch model folder, used when no BUNDLE is given.")
+@click.option("--image", type=click.Path(path_type=Path), help="The board (test) image.")
+@click.option("--template", type=click.Path(path_type=Path), help="The golden template image.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full answer JSON.")
+@click.option("--show", type=click.Path(path_type=Path),
+              help="Write the board image with the answer's boxes drawn (e.g. out.png).")
+@click.option("--batch", type=click.Path(path_type=Path),
+              help='JSONL of {"id", "image", "template", "question"} lines; relative image paths '
+                   "are relative to the JSONL's folder.")
+@click.option("--out", type=click.Path(path_type=Path), help="JSONL answers for --batch.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), help="Answer length limit.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for the runner.")
+def ask(args, model, image, template, as_json, show, batch, out, max_new_tokens, threads) -> None:
+    """Ask a question about a board. BUNDLE is a bundle folder (ONNX Runtime); without it,
+    --model or the shipped reference model (PyTorch) answers."""
+    bundle, question = _split_ask_args(args)
+    if bundle is not None and model is not None:
+        raise click.UsageError("pass either BUNDLE or --model, not both")
+    if batch is None:
+        _check_single_ask(image, template, question, out)
+        fmt = _image_format(show) if show is not None else None
+    else:
+        if out is None or any(v is not None for v in (image, template, question, show)):
+            raise click.UsageError("--batch needs --out, and takes the image, template and "
+                                   "question from each line (drop --image, --template, QUESTION "
+                                   "and --show)")
+        items = _read_batch(batch)  # a bad line fails before the model is loaded
+    from pcbedge import api
+    runner = api.load_runner(bundle or model, threads=threads)
+    kw = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    if batch is not None:
+        _run_batch(runner, items, batch, out, kw)
+        click.echo(f"wrote {len(items)} answers to {out}", err=True)
+        return
+    ans = runner.ask(image, template, question, **kw)
+    click.echo(json.dumps(ans, indent=2, default=_jsonable) if as_json else ans["answer"])
+    if show is not None:
+        draw_answer(image, ans, show, fmt)
+        click.echo(f"drawn answer written to {show}", err=True)
+
+
+def _split_ask_args(args: tuple[str, ...]) -> tuple[Path | None, str | None]:
+    """``[BUNDLE] [QUESTION]``: one argument is the bundle if it is a folder, else the question."""
+    if len(args) > 2:
+        raise click.UsageError("ask takes at most BUNDLE and QUESTION; quote the question")
+    if len(args) == 2:
+        if not Path(args[0]).is_dir():
+            raise BundleError(f"bundle folder {args[0]} not found",
+                              fix=f"pass a bundle from pcbedge build; if {' '.join(args)!r} is "
+                                  "the question, quote it")
+        return Path(args[0]), args[1]
+    if len(args) == 1:
+        arg = args[0]
+        if Path(arg).is_dir():
+            return Path(arg), None
+        if not any(c.isspace() for c in arg) and ("/" in arg or os.sep in arg):
+            raise BundleError(f"bundle folder {arg} not found",
+                              fix="pass a bundle from pcbedge build")
+        return None, arg
+    return None, None
+
+
+def _check_single_ask(image, template, question, out) -> None:
+    if out is not None:
+        raise click.UsageError("--out goes with --batch; use --show to save a drawn answer")
+    if image is None or template is None:
+        raise click.UsageError("pass --image and --template (or --batch IN.jsonl --out OUT.jsonl)")
+    if question is None:
+        raise click.UsageError("missing QUESTION, e.g. 'where are the shorts?'")
+
+
+def _jsonable(obj):
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+BATCH_KEYS = ("id", "image", "template", "question")
+
+
+def _read_batch(path: Path) -> list[tuple[int, dict]]:
+    """Parse and check every line of a batch JSONL: [(line number, item)]."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"batch file {path} cannot be read: {e}",
+                           fix="pass a UTF-8 JSONL file") from None
+    items, seen = [], {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path} line {n}: not valid JSON ({e.msg})",
+                               fix=f"one object a line with keys {', '.join(BATCH_KEYS)}") from None
+        missing = [k for k in BATCH_KEYS if k not in item] if isinstance(item, dict) else BATCH_KEYS
+        if missing:
+            raise DatasetError(f"{path} line {n}: missing {', '.join(missing)}",
+                               fix=f"each line is an object with keys {', '.join(BATCH_KEYS)}")
+        for key in ("image", "template", "question"):
+            if not isinstance(item[key], str):
+                raise DatasetError(f"{path} line {n}: {key!r} = {item[key]!r} is not a string")
+        key = json.dumps(item["id"])
+        if key in seen:
+            raise DatasetError(f"{path} line {n}: id {item['id']!r} repeats line {seen[key]}",
+                               fix="give every line its own id")
+        seen[key] = n
+        base = path.parent
+        items.append((n, {**item, "image": base / item["image"],
+                          "template": base / item["template"]}))
+    if not items:
+        raise DatasetError(f"batch file {path} has no questions", fix="add JSONL lines")
+    return items
+
+
+def _run_batch(runner, items, batch: Path, out: Path, kw: dict) -> None:
+    from tqdm import tqdm
+    with _atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for n, item in tqdm(items, desc="ask", unit="q", file=sys.stderr, disable=None):
+            try:
+                ans = runner.ask(item["image"], item["template"], item["question"], **kw)
+            except PcbEdgeError as e:
+                msg = str(e).split("\n  fix: ")[0]
+                raise type(e)(f"{batch} line {n} (id {item['id']!r}): {msg}", fix=e.fix) from None
+            f.write(json.dumps({"id": item["id"], **ans}, default=_jsonable) + "\n")
+
+
+@contextmanager
+def _atomic_path(path: Path, suffix: str = ".tmp"):
+    """A temporary path beside ``path``, renamed onto it only if the block succeeds."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}",
+                          fix="choose a writable folder") from None
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise OutputError(f"cannot write {path}: {e.strerror or e}",
+                          fix="check the free space and permissions") from None
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _image_format(path: Path) -> str:
+    from PIL import Image
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt not in ("PNG", "JPEG", "WEBP", "BMP", "TIFF"):
+        raise click.BadParameter(f"{path} must end in .png, .jpg, .webp, .bmp or .tif",
+                                 param_hint="--show")
+    return fmt
+
+
+TYPE_COLORS = {"open": (230, 25, 75), "short": (255, 225, 25), "mousebite": (60, 180, 75),
+               "spur": (0, 130, 200), "spurious_copper": (245, 130, 48), "pin_hole": (240, 50, 230)}
+
+
+def draw_answer(image: Path, ans: dict, out: Path, fmt: str = "PNG") -> None:
+    """Draw the answer's boxes, types and confidences on the board image (original pixels)."""
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
+    try:
+        with Image.open(image) as im:
+            canvas = ImageOps.exif_transpose(im).convert("RGB")
+    except OSError as e:
+        raise InputImageError(f"image {image} cannot be decoded for --show: {e}") from None
+    draw = ImageDraw.Draw(canvas)
+    width = max(2, round(max(canvas.size) / 320))
+    font = ImageFont.load_default(size=max(12, max(canvas.size) // 50))
+    for d in ans.get("defects", []):
+        color = TYPE_COLORS.get(d["type"], (255, 0, 0))
+        x1, y1, x2, y2 = d["bbox"]
+        draw.rectangle([x1, y1, x2, y2], outline=color, width=width)
+        label = f"{d['type']} {d['confidence']:.2f}"
+        box = draw.textbbox((x1, y1), label, font=font)
+        ty = y1 - (box[3] - box[1]) - 2 if y1 - (box[3] - box[1]) - 2 >= 0 else y2 + 2
+        box = draw.textbbox((x1, ty), label, font=font)
+        draw.rectangle(box, fill=color)
+        draw.text((x1, ty), label, fill=(0, 0, 0), font=font)
+    with _atomic_path(out) as tmp:
+        canvas.save(tmp, format=fmt)
+
+
+@cli.command()
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
+              help="DeepPCB-layout folder with trainval.txt.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder for the trained model (Hugging Face layout).")
+@click.option("--seed", type=int, help="Random seed.")
+@click.option("--minutes-a", type=click.FloatRange(min=0, min_open=True),
+              help="Time budget of stage A (vision).")
+@click.option("--minutes-b", type=click.FloatRange(min=0, min_open=True),
+              help="Time budget of stage B (decoder).")
+def finetune(data_dir, out_dir, seed, minutes_a, minutes_b) -> None:
+    """Train the reference PCB VLM on a DeepPCB-layout folder.
+
+    Trains from scratch on the train part of its trainval.txt."""
+    from pcbedge import api
+    given = {"seed": seed, "minutes_a": minutes_a, "minutes_b": minutes_b}
+    api.finetune(data_dir, out_dir, **{k: v for k, v in given.items() if v is not None})
+    click.echo(f"model saved to {out_dir}")
+
+
+@cli.command()
+def targets() -> None:
+    """List the shipped target profiles."""
+    from pcbedge import api
+    header = ("NAME", "RUNTIME", "VISION/DECODER", "PRUNING", "THREADS", "P95 BUDGET",
+              "DESCRIPTION")
+    rows = [header] + [(
+        t.name, t.runtime, f"{t.precision.vision}/{t.precision.decoder}",
+        "none" if t.pruning.method == "none" else f"{t.pruning.method} {t.pruning.keep_ratio:g}",
+        "default" if t.threads is None else str(t.threads), f"{t.latency_budget_ms:g} ms",
+        t.description) for t in api.list_targets()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (``pcbedge``). Exit codes: docs/errors.md."""
+    try:
+        cli.main(args=argv, prog_name="pcbedge")
+    except PcbEdgeError as e:  # raised outside a command (callbacks): the same contract
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)

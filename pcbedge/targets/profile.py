@@ -1,0 +1,351 @@
+"""Target profiles: one TOML file per deployment target, loaded into frozen dataclasses.
+
+A target is data, not a code branch: the build, the runtimes and the benchmark read these fields
+and never test a target's name. Every field is validated here, once; a bad field raises
+:class:`~pcbedge.errors.TargetError` naming the file, the field, the bad value and the valid
+values. Unknown keys are refused, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pcbedge.errors import TargetError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 gets the same parser from the tomli backport
+    import tomli as tomllib
+
+RUNTIMES = ("onnxruntime", "tensorrt")
+ARCHS = ("x86_64", "aarch64")
+PRECISIONS = ("fp32", "fp16", "int8")
+SCHEMES = ("qdq_static", "none")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+PRUNING_METHODS = ("none", "model_prior", "template_diff")
+PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
+             "XnnpackExecutionProvider", "OpenVINOExecutionProvider", "CoreMLExecutionProvider",
+             "DmlExecutionProvider", "QNNExecutionProvider")
+# Op types onnxruntime's static quantizer can wrap in Q/DQ (onnxruntime.quantization.registry,
+# QDQRegistry | QLinearOpsRegistry); written out so loading a profile does not import onnx.
+QUANTIZABLE_OPS = ("Add", "ArgMax", "AveragePool", "BatchNormalization", "Clip", "Concat", "Conv",
+                   "ConvTranspose", "CumSum", "EmbedLayerNormalization", "Flatten", "Gather",
+                   "GatherElements", "Gemm", "GlobalAveragePool", "InstanceNormalization",
+                   "LayerNormalization", "LeakyRelu", "MatMul", "MaxPool", "Mul", "Pad", "Relu",
+                   "Reshape", "Resize", "Sigmoid", "Slice", "Softmax", "Split", "Squeeze", "TopK",
+                   "Transpose", "Unsqueeze", "Where")
+TOKEN_STRIDE = 32  # the vision tower's visual-token stride: input_size must be a multiple
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """Numeric precision of each graph: "fp32", "fp16" or "int8"."""
+
+    vision: str
+    decoder: str
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """Static Q/DQ quantization: which op types get Q/DQ in each graph and how to calibrate."""
+
+    scheme: str
+    vision_ops: tuple[str, ...]
+    decoder_ops: tuple[str, ...]
+    per_channel: bool
+    calibration_method: str
+    calibration_boards: int
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """Visual-token pruning before the decoder: which score ranks tokens and how many stay."""
+
+    method: str
+    keep_ratio: float
+
+
+@dataclass(frozen=True)
+class ShapeConfig:
+    """Static shapes the graphs and engines are built for."""
+
+    input_size: int
+    batch: int
+    max_text_len: int
+
+
+@dataclass(frozen=True)
+class TensorRTConfig:
+    """TensorRT engine build settings (only for runtime = "tensorrt")."""
+
+    version: str
+    workspace_mb: int
+    builder_optimization_level: int
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Benchmark gates: a bundle passes only if every one holds."""
+
+    p95_ms_max: float
+    max_map_drop: float
+    max_count_drop: float
+    max_hallucination_rise: float
+    min_map: float
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    """One deployment target, as written in ``pcbedge/targets/<name>.toml``."""
+
+    name: str
+    description: str
+    arch: str
+    runtime: str
+    providers: tuple[str, ...]
+    threads: int | None
+    precision: PrecisionConfig
+    quantization: QuantizationConfig
+    pruning: PruningConfig
+    shapes: ShapeConfig
+    tensorrt: TensorRTConfig | None
+    latency_budget_ms: float
+    gates: GateConfig
+    source: str = ""  # the file it was loaded from, for messages and manifests
+
+    def as_dict(self) -> dict:
+        """A JSON-ready dict (tuples become lists), for manifests and reports."""
+        return asdict(self)
+
+
+# --- field validators: each returns the parsed value or raises ValueError(valid values) -----
+
+def _choice(*valid: str) -> Callable[[Any], str]:
+    def check(v):
+        if not isinstance(v, str) or v not in valid:
+            raise ValueError("one of " + ", ".join(repr(x) for x in valid))
+        return v
+    return check
+
+
+def _text(v):
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError("a non-empty string")
+    return v
+
+
+def _int(lo: int, hi: int | None = None) -> Callable[[Any], int]:
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            raise ValueError(f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
+        return v
+    return check
+
+
+def _number(lo: float, hi: float | None = None, *, lo_open: bool = False) -> Callable[[Any], float]:
+    def check(v):
+        ok = not isinstance(v, bool) and isinstance(v, (int, float))
+        ok = ok and (v > lo if lo_open else v >= lo) and (hi is None or v <= hi)
+        if not ok:
+            rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+            raise ValueError(f"a number {rng}")
+        return float(v)
+    return check
+
+
+def _bool(v):
+    if not isinstance(v, bool):
+        raise ValueError("true or false")
+    return v
+
+
+def _list_of(valid: tuple[str, ...]) -> Callable[[Any], tuple]:
+    def check(v):
+        bad_item = any(not isinstance(x, str) or x not in valid for x in v) \
+            if isinstance(v, list) else True
+        if bad_item or len(set(v)) != len(v):
+            raise ValueError("a list without repeats of " + ", ".join(repr(x) for x in valid))
+        return tuple(v)
+    return check
+
+
+def _version(v):
+    if not isinstance(v, str) or not re.fullmatch(r"\d+\.\d+(\.\d+)*", v):
+        raise ValueError('a version string such as "10.3"')
+    return v
+
+
+# --- sections: field name -> (validator, default or REQUIRED) ---------------------------------
+
+REQUIRED = object()
+
+TOP_FIELDS = {
+    "name": (_text, REQUIRED),
+    "description": (_text, REQUIRED),
+    "arch": (_choice(*ARCHS), REQUIRED),
+    "runtime": (_choice(*RUNTIMES), REQUIRED),
+    "providers": (_list_of(PROVIDERS), ()),
+    "threads": (_int(1, 256), None),
+    "latency_budget_ms": (_number(0, lo_open=True), REQUIRED),
+}
+SECTIONS: dict[str, tuple[type, dict]] = {
+    "precision": (PrecisionConfig, {
+        "vision": (_choice(*PRECISIONS), REQUIRED),
+        "decoder": (_choice(*PRECISIONS), REQUIRED)}),
+    "quantization": (QuantizationConfig, {
+        "scheme": (_choice(*SCHEMES), REQUIRED),
+        "vision_ops": (_list_of(QUANTIZABLE_OPS), ()),
+        "decoder_ops": (_list_of(QUANTIZABLE_OPS), ()),
+        "per_channel": (_bool, True),
+        "calibration_method": (_choice(*CALIBRATION_METHODS), "minmax"),
+        "calibration_boards": (_int(1), 16)}),
+    "pruning": (PruningConfig, {
+        "method": (_choice(*PRUNING_METHODS), REQUIRED),
+        "keep_ratio": (_number(0.0, 1.0, lo_open=True), 1.0)}),
+    "shapes": (ShapeConfig, {
+        "input_size": (_int(TOKEN_STRIDE, 4096), 640),
+        "batch": (_int(1, 64), 1),
+        "max_text_len": (_int(8, 4096), 96)}),
+    "tensorrt": (TensorRTConfig, {
+        "version": (_version, REQUIRED),
+        "workspace_mb": (_int(64), REQUIRED),
+        "builder_optimization_level": (_int(0, 5), 3)}),
+    "gates": (GateConfig, {
+        "p95_ms_max": (_number(0, lo_open=True), None),  # None: the latency budget
+        "max_map_drop": (_number(0.0, 1.0), 0.01),
+        "max_count_drop": (_number(0.0, 1.0), 0.01),
+        "max_hallucination_rise": (_number(0.0, 1.0), 0.0),
+        "min_map": (_number(0.0, 1.0), 0.90)}),
+}
+OPTIONAL_SECTIONS = ("tensorrt", "gates")
+
+
+def _fail(src: str, field: str, value: Any, valid: str, fix: str | None = None) -> TargetError:
+    return TargetError(f"target profile {src}: field '{field}' = {value!r} is not valid; "
+                       f"expected {valid}", fix=fix or f"edit '{field}' in {src}")
+
+
+def _refuse_unknown(src: str, prefix: str, data: dict, valid) -> None:
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
+        raise TargetError(f"target profile {src}: unknown key '{prefix}{unknown[0]}'; valid keys "
+                          f"in {where}: {', '.join(valid)}", fix="remove it or fix its spelling")
+
+
+def _parse_fields(src: str, prefix: str, data: dict, spec: dict) -> dict:
+    _refuse_unknown(src, prefix, data, spec)
+    out = {}
+    for key, (check, default) in spec.items():
+        if key not in data:
+            if default is REQUIRED:
+                raise TargetError(f"target profile {src}: missing field '{prefix}{key}'",
+                                  fix=f"add '{key}' to {src} (see docs/targets.md)")
+            out[key] = default
+            continue
+        try:
+            out[key] = check(data[key])
+        except ValueError as e:
+            raise _fail(src, prefix + key, data[key], str(e)) from None
+    return out
+
+
+def _check_consistency(src: str, p: TargetProfile) -> None:
+    """Rules between fields, each a real constraint of the runtimes or the recipe."""
+    if p.runtime == "onnxruntime":
+        if not p.providers or p.providers[-1] != "CPUExecutionProvider":
+            raise _fail(src, "providers", list(p.providers),
+                        "a list ending with 'CPUExecutionProvider' (onnxruntime runs the ops an "
+                        "accelerator lacks on the CPU provider)")
+        cpu_only = p.providers == ("CPUExecutionProvider",)
+        for graph in ("vision", "decoder"):
+            if cpu_only and getattr(p.precision, graph) == "fp16":
+                raise _fail(src, f"precision.{graph}", "fp16",
+                            "'fp32' or 'int8' on the CPU provider (it lacks fp16 kernels for most "
+                            "ops and would run Cast-wrapped fp32)")
+    if p.runtime == "tensorrt":
+        if p.providers:
+            raise _fail(src, "providers", list(p.providers),
+                        "[] for runtime 'tensorrt' (providers are an onnxruntime setting)")
+        if p.tensorrt is None:
+            raise TargetError(f"target profile {src}: runtime 'tensorrt' needs a [tensorrt] "
+                              "section", fix="add [tensorrt] with version and workspace_mb")
+    elif p.tensorrt is not None:
+        raise TargetError(f"target profile {src}: a [tensorrt] section with runtime "
+                          f"{p.runtime!r}", fix="remove [tensorrt] or set runtime = \"tensorrt\"")
+    q = p.quantization
+    for graph in ("vision", "decoder"):
+        ops = getattr(q, f"{graph}_ops")
+        int8 = getattr(p.precision, graph) == "int8"
+        if int8 and q.scheme == "none":
+            raise _fail(src, "quantization.scheme", q.scheme,
+                        f"'qdq_static', since precision.{graph} is 'int8'")
+        if int8 and not ops:
+            raise _fail(src, f"quantization.{graph}_ops", [],
+                        f"a non-empty op list, since precision.{graph} is 'int8'")
+        if not int8 and ops:
+            precision = getattr(p.precision, graph)
+            raise _fail(src, f"quantization.{graph}_ops", list(ops),
+                        f"[] since precision.{graph} is {precision!r}, not 'int8'")
+    if q.scheme == "qdq_static" and not (q.vision_ops or q.decoder_ops):
+        raise _fail(src, "quantization.scheme", q.scheme,
+                    "'none' when no graph is int8")
+    if p.pruning.method == "none" and p.pruning.keep_ratio != 1.0:
+        raise _fail(src, "pruning.keep_ratio", p.pruning.keep_ratio,
+                    "1.0 with method 'none'")
+    if p.shapes.input_size % TOKEN_STRIDE:
+        raise _fail(src, "shapes.input_size", p.shapes.input_size,
+                    f"a multiple of {TOKEN_STRIDE} (the visual-token stride)")
+
+
+def parse_profile(data: dict, src: str = "<profile>", *, stem: str | None = None) -> TargetProfile:
+    """Validate a parsed TOML table into a :class:`TargetProfile`. ``stem``: the file name the
+    profile's ``name`` must equal."""
+    _refuse_unknown(src, "", data, [*TOP_FIELDS, *SECTIONS])
+    top = _parse_fields(src, "", {k: v for k, v in data.items() if k in TOP_FIELDS}, TOP_FIELDS)
+    if not NAME_RE.match(top["name"]):
+        raise _fail(src, "name", top["name"], "lower-case letters, digits, '.', '_' or '-'")
+    if stem is not None and top["name"] != stem:
+        raise _fail(src, "name", top["name"], f"{stem!r}, the file's name",
+                    fix="rename the file or the profile so both match")
+    sections: dict[str, Any] = {}
+    for sec, (cls, spec) in SECTIONS.items():
+        table = data.get(sec)
+        if table is None:
+            if sec not in OPTIONAL_SECTIONS:
+                raise TargetError(f"target profile {src}: missing section [{sec}]",
+                                  fix=f"add [{sec}] (see docs/targets.md)")
+            if sec == "tensorrt":
+                sections[sec] = None
+                continue
+            table = {}
+        if not isinstance(table, dict):
+            raise _fail(src, sec, table, f"a [{sec}] table")
+        values = _parse_fields(src, f"{sec}.", table, spec)
+        if sec == "gates" and values["p95_ms_max"] is None:
+            values["p95_ms_max"] = top["latency_budget_ms"]
+        sections[sec] = cls(**values)
+    profile = TargetProfile(**top, **sections, source=src)
+    _check_consistency(src, profile)
+    return profile
+
+
+def load_profile(path: str | Path) -> TargetProfile:
+    """Read and validate one profile file; its ``name`` must equal the file's stem."""
+    path = Path(path)
+    src = str(path)
+    if not path.is_file():
+        raise TargetError(f"target profile {src} not found", fix="pass a shipped target name "
+                          "(pcbedge targets) or the path of a .toml profile")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise TargetError(f"target profile {src} cannot be read: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise TargetError(f"target profile {src} is not valid TOML: {e}",
+                          fix="fix the syntax (https://toml.io)") from None
+    return parse_profile(data, src, stem=path.stem)
