@@ -50,6 +50,7 @@ class FinetuneConfig:
     match_iou: float = 0.3
     word_dropout: float = 0.08
     threads: int = 2
+    init_from: str | None = None  # a saved model folder to start from (e.g. checkpoint_stage_a)
 
 
 class Board8:
@@ -163,10 +164,13 @@ def finetune(data_dir, out_dir, fc: FinetuneConfig = FinetuneConfig(), list_file
     tok = build_tokenizer(vocabulary_corpus(), PcbVlmConfig().vision.num_regions)
     cfg = PcbVlmConfig(text=TextConfig(vocab_size=tok.get_vocab_size()))
     model = PcbVlm(cfg, tok)
+    if fc.init_from:  # continue from a saved model (same tokenizer corpus, same config)
+        model.load_state_dict(PcbVlm.from_pretrained(fc.init_from).state_dict())
     train = [Board8(b, cfg.input_size) for b in tqdm(train_b, desc="loading train boards")]
     val = [Board8(b, cfg.input_size) for b in tqdm(val_b, desc="loading validation boards")]
     with open(out / "train_log.jsonl", "w") as logf:
-        train_vision(model, train, fc, logf)
+        if fc.minutes_a > 0:
+            train_vision(model, train, fc, logf)
         model.save_pretrained(out / "checkpoint_stage_a")
         items = cache_vision(model, train, fc.n_dihedral, fc.match_iou)
         train_decoder(model, items, fc, logf)

@@ -1,0 +1,233 @@
+"""Accuracy of a bench run: answers scored against the DeepPCB annotations, drift against a
+reference run of the same questions, and accuracy under image degradations.
+
+Detection figures come from the describe-all answer of each board (its defect list is the
+board's prediction set); question figures from the typed where / count / exists questions.
+Answers and annotations are both in original-image pixels. Definitions: docs/bench.md.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+from pcbedge.benchmarks import metrics
+from pcbedge.benchmarks.workload import Workload, answer_boards, board_ground_truth
+
+# Figures whose bench-minus-reference delta is reported (scalars; per-type dicts per type).
+DELTA_KEYS = ("deeppcb_map", "deeppcb_f", "deeppcb_precision", "deeppcb_recall", "map_05",
+              "count_exact_match", "hallucination_rate", "median_center_error_px", "ece",
+              "mean_confidence", "where_accuracy", "count_accuracy", "exists_accuracy",
+              "exists_f1", "intent_accuracy")
+BOX_TOL_PX = 1.0
+
+
+def _defect(d: dict) -> dict:
+    return {"type": d.get("type"), "bbox": [float(v) for v in d.get("bbox", ())],
+            "confidence": float(d.get("confidence", 0.0))}
+
+
+def describe_predictions(workload: Workload, answers: list[list[dict]]) -> list[list[dict]]:
+    """Per board, the defects of its describe-all answer as {type, bbox, confidence}."""
+    preds = []
+    for i in range(len(workload.boards)):
+        kinds = [q.qa.kind for q in workload.board_queries(i)]
+        # A describe-only run (robustness) holds just the describe answer.
+        k = 0 if len(answers[i]) == 1 else kinds.index("describe")
+        preds.append([_defect(d) for d in answers[i][k].get("defects", [])])
+    return preds
+
+
+def _where_correct(gt_t: list[dict], reported: list[dict], t: str) -> bool:
+    """Same number of defects of type t, and every GT box matched one-to-one at IoU > 0.33."""
+    if len(gt_t) != len(reported):
+        return False
+    if not gt_t:
+        return True
+    return metrics.deeppcb_ap([gt_t], [reported], metrics.DEEPPCB_IOU, types=[t])["tp"] == len(gt_t)
+
+
+def question_records(workload: Workload, answers: list[list[dict]]) -> list[dict]:
+    """One record per typed or describe question: kind, filter, truth, pred, correct, intent_ok."""
+    recs = []
+    for i, board in enumerate(workload.boards):
+        gt = board_ground_truth(board)
+        for q, ans in zip(workload.board_queries(i), answers[i]):
+            kind, t = q.qa.kind, q.qa.filter
+            n_pred = int(ans.get("count", len(ans.get("defects", []))))
+            rec = {"board": board.id, "kind": kind, "filter": t, "question": q.qa.question,
+                   "intent_ok": ans.get("intent") == kind}
+            if kind != "describe":
+                gt_t = [g for g in gt if g["type"] == t]
+                if kind == "where":
+                    reported = [_defect(d) for d in ans.get("defects", []) if d.get("type") == t]
+                    rec.update(truth=len(gt_t), pred=len(reported),
+                               correct=_where_correct(gt_t, reported, t))
+                elif kind == "count":
+                    rec.update(truth=len(gt_t), pred=n_pred, correct=n_pred == len(gt_t))
+                else:  # exists: "yes" is an answer that reports at least one defect
+                    rec.update(truth=bool(gt_t), pred=n_pred > 0,
+                               correct=bool(gt_t) == (n_pred > 0))
+            recs.append(rec)
+    return recs
+
+
+def _share(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+def score_detections(gts: list[list[dict]], preds: list[list[dict]]) -> dict:
+    """The describe-all detection figures (pooled AP, counts, hallucination, calibration)."""
+    ap33 = metrics.deeppcb_ap(gts, preds, metrics.DEEPPCB_IOU)
+    ap05 = metrics.deeppcb_ap(gts, preds, 0.5)
+    confs = [d["confidence"] for p in preds for d in p]
+    ece = metrics.expected_calibration_error(
+        confs, metrics.prediction_correctness(gts, preds, metrics.DEEPPCB_IOU))
+    hall = metrics.hallucination_rate(gts, preds)
+    return {
+        "deeppcb_map": ap33["ap"], "deeppcb_f": ap33["f_score"],
+        "deeppcb_precision": ap33["precision"], "deeppcb_recall": ap33["recall"],
+        "map_05": ap05["ap"],
+        "per_type_ap_033": metrics.per_type_ap(gts, preds, metrics.DEEPPCB_IOU),
+        "per_type_ap_05": metrics.per_type_ap(gts, preds, 0.5),
+        "count_exact_match": metrics.count_exact_match(gts, preds),
+        "hallucination_rate": hall["rate"], "n_hallucinated": hall["n_hallucinated"],
+        "n_predicted": hall["n_pred"], "n_ground_truth": ap33["n_gt"],
+        "median_center_error_px": metrics.median_center_error(gts, preds, metrics.DEEPPCB_IOU),
+        "ece": ece["ece"], "ece_bins": ece["bins"],
+        "mean_confidence": float(np.mean(confs)) if confs else None,
+    }
+
+
+def score_accuracy(workload: Workload, answers: list[list[dict]]) -> dict:
+    """Every accuracy figure of one run (see docs/bench.md for the definitions)."""
+    gts = [board_ground_truth(b) for b in workload.boards]
+    acc = {"n_boards": len(workload.boards), "n_questions": len(workload.queries)}
+    acc.update(score_detections(gts, describe_predictions(workload, answers)))
+    recs = question_records(workload, answers)
+    by_kind = {k: [r for r in recs if r["kind"] == k] for k in ("where", "count", "exists")}
+    for k, rs in by_kind.items():
+        acc[f"{k}_accuracy"] = _share([r["correct"] for r in rs])
+        acc[f"n_{k}_questions"] = len(rs)
+    ex = metrics.existence_f1([{"truth": r["truth"], "pred": r["pred"]} for r in by_kind["exists"]])
+    acc["exists_f1"] = ex["f1"]
+    acc["intent_accuracy"] = _share([r["intent_ok"] for r in recs])
+    acc["intent_accuracy_by_kind"] = {
+        k: _share([r["intent_ok"] for r in recs if r["kind"] == k])
+        for k in ("describe", "where", "count", "exists")}
+    return acc
+
+
+# ----------------------------------------------------------------------------- drift
+
+def _same_defects(a: list[dict], b: list[dict]) -> bool:
+    """Same length and, paired in (type, box) order, same type and every box edge within 1 px."""
+    if len(a) != len(b):
+        return False
+    key = lambda d: (str(d.get("type")), [float(v) for v in d.get("bbox", ())])  # noqa: E731
+    for x, y in zip(sorted(a, key=key), sorted(b, key=key)):
+        if x.get("type") != y.get("type") or len(x["bbox"]) != len(y["bbox"]):
+            return False
+        if any(abs(float(u) - float(v)) > BOX_TOL_PX for u, v in zip(x["bbox"], y["bbox"])):
+            return False
+    return True
+
+
+def _delta(a, b):
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k: _delta(a.get(k), b.get(k)) for k in a}
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) - float(b)
+    return None
+
+
+def drift_block(answers: list[list[dict]], ref_answers: list[list[dict]], acc: dict,
+                ref_acc: dict) -> dict:
+    """Answer agreement with the reference run and the delta (bench - reference) of each figure."""
+    pairs = [(a, r) for ab, rb in zip(answers, ref_answers) for a, r in zip(ab, rb)]
+    agree = [_same_defects(a.get("defects", []), r.get("defects", [])) for a, r in pairs]
+    keys = DELTA_KEYS + ("per_type_ap_033", "per_type_ap_05")
+    return {
+        "available": True,
+        "answer_agreement": _share(agree),
+        "intent_agreement": _share([a.get("intent") == r.get("intent") for a, r in pairs]),
+        "n_questions": len(pairs),
+        "box_tolerance_px": BOX_TOL_PX,
+        "delta": {k: _delta(acc.get(k), ref_acc.get(k)) for k in keys},
+        "reference_accuracy": {k: ref_acc.get(k) for k in keys},
+    }
+
+
+# ----------------------------------------------------------------------------- robustness
+
+def _pil(a: np.ndarray):
+    from PIL import Image
+    return Image.fromarray(a)
+
+
+def _blur(test, temp):
+    from PIL import ImageFilter
+    return np.asarray(_pil(test).filter(ImageFilter.GaussianBlur(radius=1.5))), temp
+
+
+def _noise(test, temp):
+    rng = np.random.default_rng(0)  # the same noise field on every board: reproducible
+    noisy = test.astype(np.float32) + rng.normal(0.0, 12.0, test.shape).astype(np.float32)
+    return np.clip(noisy + 0.5, 0, 255).astype(np.uint8), temp
+
+
+def _jpeg(test, temp):
+    from PIL import Image
+    buf = io.BytesIO()
+    _pil(test).save(buf, format="JPEG", quality=30)
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("L")), temp
+
+
+def _affine(scale: float, offset: float):
+    def apply(test, temp):
+        y = (test.astype(np.float32) - 128.0) * scale + 128.0 + offset
+        return np.clip(y + 0.5, 0, 255).astype(np.uint8), temp
+    return apply
+
+
+def _shift(px: int):
+    """Template moved ``px`` right and down (edge replicated): a misregistered golden image."""
+    def apply(test, temp):
+        padded = np.pad(temp, ((px, 0), (px, 0)), mode="edge")
+        return test, padded[: temp.shape[0], : temp.shape[1]]
+    return apply
+
+
+DEGRADATIONS = {
+    "gaussian_blur_r1.5": _blur,
+    "gaussian_noise_s12": _noise,
+    "jpeg_q30": _jpeg,
+    "brightness_+40": _affine(1.0, 40.0),
+    "contrast_x0.6": _affine(0.6, 0.0),
+    "template_shift_2px": _shift(2),
+    "template_shift_4px": _shift(4),
+}
+ROBUST_KEYS = ("deeppcb_map", "count_exact_match", "mean_confidence")
+
+
+def _ratio(v, clean):
+    if isinstance(v, (int, float)) and isinstance(clean, (int, float)) and clean != 0 \
+            and math.isfinite(clean):
+        return float(v) / float(clean)
+    return None
+
+
+def run_robustness(runner, workload: Workload, clean: dict, *, progress: bool = True) -> dict:
+    """describe-all accuracy under each degradation, and its ratio to the clean figure."""
+    gts = [board_ground_truth(b) for b in workload.boards]
+    conditions = {}
+    for name, fn in DEGRADATIONS.items():
+        answers = answer_boards(runner, workload, degrade=fn, describe_only=True,
+                                progress=progress, desc=f"robust {name}")
+        det = score_detections(gts, describe_predictions(workload, answers))
+        row = {k: det[k] for k in ROBUST_KEYS}
+        row.update({f"{k}_ratio": _ratio(det[k], clean.get(k)) for k in ROBUST_KEYS})
+        conditions[name] = row
+    return {"clean": {k: clean.get(k) for k in ROBUST_KEYS}, "conditions": conditions}

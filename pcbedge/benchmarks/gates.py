@@ -1,0 +1,121 @@
+"""Bench gates: named numbers, each checked against one figure of the report.
+
+Limits come, in order of precedence, from the caller's ``gates={name: value}``, the bundle's
+target profile (manifest ``target.gates``), then :data:`DEFAULT_GATES`. Drift gates compare with
+the FP32 reference run and are skipped (``passed`` None, with a reason) when there is none.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pcbedge.errors import PcbEdgeError
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """How one gate reads the report: ``value`` is compared to the limit with ``op``."""
+
+    name: str
+    op: str          # "<=" or ">="
+    drift: bool      # needs the reference run
+    meaning: str
+
+
+GATE_SPECS: dict[str, GateSpec] = {g.name: g for g in (
+    GateSpec("p95_ms_max", "<=", False, "P95 latency of a full question (ms)"),
+    GateSpec("max_map_drop", "<=", True, "reference deeppcb_map - bundle deeppcb_map"),
+    GateSpec("max_count_drop", "<=", True,
+             "reference count_accuracy - bundle count_accuracy (count questions)"),
+    GateSpec("max_hallucination_rise", "<=", True,
+             "bundle hallucination_rate - reference hallucination_rate"),
+    GateSpec("min_map", ">=", False, "bundle deeppcb_map (absolute floor)"),
+)}
+GATE_NAMES = tuple(GATE_SPECS)
+DEFAULT_GATES = {"p95_ms_max": 2000.0, "max_map_drop": 0.01, "max_count_drop": 0.01,
+                 "max_hallucination_rise": 0.0, "min_map": 0.9}
+
+
+def _check_limit(name: str, value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (name == "p95_ms_max" and value == 0):
+        need = "a number > 0" if name == "p95_ms_max" else "a finite number >= 0"
+        raise PcbEdgeError(f"gate {name} = {value!r} from {where} is not {need}",
+                           fix=f"pass e.g. gates={{'{name}': {DEFAULT_GATES[name]:g}}} "
+                               f"(CLI: --{name.replace('_', '-')} {DEFAULT_GATES[name]:g})")
+    return float(value)
+
+
+def resolve_limits(manifest: dict | None, overrides: dict | None) -> dict[str, dict]:
+    """{name: {"limit", "source"}} for every gate."""
+    if overrides is not None and not isinstance(overrides, dict):
+        raise PcbEdgeError(f"gates must be a dict of name -> limit, got {type(overrides).__name__}",
+                           fix=f"pass e.g. gates={{'p95_ms_max': 300}}; names: "
+                               f"{', '.join(GATE_NAMES)}")
+    unknown = sorted(set(overrides or {}) - set(GATE_NAMES), key=str)
+    if unknown:
+        raise PcbEdgeError(f"unknown gate name(s) {', '.join(map(repr, unknown))}; valid gates: "
+                           f"{', '.join(GATE_NAMES)}", fix="use one of the valid names")
+    target = (manifest or {}).get("target") or {}
+    profile = target.get("gates") if isinstance(target, dict) else None
+    profile = profile if isinstance(profile, dict) else {}
+    where_profile = f"target profile {target.get('name', '?')!r}" if profile else ""
+    limits = {}
+    for name in GATE_NAMES:
+        if overrides and name in overrides:
+            value, source = overrides[name], "override"
+        elif profile.get(name) is not None:
+            value, source = profile[name], where_profile
+        else:
+            value, source = DEFAULT_GATES[name], "default"
+        limits[name] = {"limit": _check_limit(name, value, source), "source": source}
+    return limits
+
+
+def _values(report: dict) -> dict:
+    acc = report.get("accuracy") or {}
+    drift = report.get("drift") or {}
+    ref = drift.get("reference_accuracy") or {}
+
+    def diff(a, b):
+        return float(a) - float(b) if isinstance(a, (int, float)) and \
+            isinstance(b, (int, float)) else None
+
+    return {
+        "p95_ms_max": (report.get("latency_ms") or {}).get("p95"),
+        "min_map": acc.get("deeppcb_map"),
+        "max_map_drop": diff(ref.get("deeppcb_map"), acc.get("deeppcb_map")),
+        "max_count_drop": diff(ref.get("count_accuracy"), acc.get("count_accuracy")),
+        "max_hallucination_rise": diff(acc.get("hallucination_rate"),
+                                       ref.get("hallucination_rate")),
+    }
+
+
+def evaluate_gates(limits: dict[str, dict], report: dict) -> dict[str, dict]:
+    """{name: {"value", "limit", "passed", "status", "op", "source"[, "reason"]}}."""
+    values = _values(report)
+    has_ref = bool((report.get("drift") or {}).get("available"))
+    out = {}
+    for name, spec in GATE_SPECS.items():
+        lim = limits[name]["limit"]
+        g = {"value": values[name], "limit": lim, "op": spec.op,
+             "source": limits[name]["source"], "meaning": spec.meaning}
+        if spec.drift and not has_ref:
+            g.update(passed=None, status="skipped",
+                     reason="no FP32 reference run (pass reference=, or build the bundle with one)")
+        elif g["value"] is None:
+            g.update(passed=None, status="skipped", reason="the figure is undefined on this data")
+        else:
+            ok = g["value"] <= lim if spec.op == "<=" else g["value"] >= lim
+            g.update(passed=bool(ok), status="passed" if ok else "failed")
+        out[name] = g
+    return out
+
+
+def failed_gates(gates: dict[str, dict]) -> list[str]:
+    return [n for n, g in gates.items() if g.get("passed") is False]
+
+
+def describe_failures(gates: dict[str, dict]) -> str:
+    return "; ".join(f"{n}: {g['value']:.4g} not {g['op']} {g['limit']:.4g}"
+                     for n, g in gates.items() if g.get("passed") is False)

@@ -1,0 +1,390 @@
+"""``pcbedge bench``: latency and accuracy of a bundle on real boards, with named gates.
+
+One harness for every target: cold start, a SingleStream latency pass of full questions, an
+accuracy pass over every board x question, drift against the FP32 reference, optional robustness
+and precision x pruning sweeps. Outputs (report.json, predictions.jsonl, report.html) are written
+atomically and always before a missed gate raises :class:`~pcbedge.errors.GateFailed`.
+Figures and protocol: docs/bench.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import gc
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pcbedge.benchmarks import accuracy as acc_mod
+from pcbedge.benchmarks import gates as gates_mod
+from pcbedge.benchmarks import workload as wl
+from pcbedge.benchmarks.environment import (collect_environment, manifest_sha256,
+                                            read_manifest_json)
+from pcbedge.benchmarks.metrics import latency_summary
+from pcbedge.errors import BundleError, GateFailed, OutputError, PcbEdgeError
+
+SCHEMA_VERSION = 1
+GALLERY_MAX = 24
+DEFAULTS = {"out_dir": "bench-out", "queries": 200, "min_seconds": 10.0, "warmup": 5}
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+class _Rss:
+    """Resident set size of this process, sampled at the points the harness chooses."""
+
+    def __init__(self):
+        import psutil
+        self._proc = psutil.Process()
+        self.start = self.peak = self._now()
+
+    def _now(self) -> float:
+        return self._proc.memory_info().rss / 2 ** 20
+
+    def sample(self) -> float:
+        mb = self._now()
+        self.peak = max(self.peak, mb)
+        return mb
+
+
+def _json_default(o):
+    import numpy as np
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def _readable(path: Path) -> None:
+    """mkstemp makes files 0600; a report is meant to be shared, so apply the usual umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Temp file in the same folder, fsync, rename; readable as a normal file (umask)."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        _readable(Path(tmp))
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {e.strerror or e}",
+                          fix="pick a writable --out folder with free space") from None
+
+
+def _prepare_out(out_dir) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output path {out} exists and is not a folder",
+                          fix="pass another --out folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the output folder {out}: {e.strerror or e}",
+                          fix="pick a writable --out folder") from None
+    return out
+
+
+def resolve_reference(bundle: Path, manifest: dict, reference) -> tuple[Path | None, str]:
+    """(FP32 reference folder or None, how it was chosen / why there is none)."""
+    if reference is not None:
+        p = Path(reference)
+        if not p.exists():
+            raise BundleError(f"reference {p} not found",
+                              fix="pass the FP32 export folder (pcbedge export) as --reference")
+        return p, f"given: {p}"
+    ref = manifest.get("reference")
+    # "export_dir" is what pcbedge build writes; "path" is accepted as its synonym.
+    named = (ref.get("path") or ref.get("export_dir")) if isinstance(ref, dict) else None
+    if not named:
+        return None, "the bundle's manifest names no FP32 reference and none was given"
+    p = Path(named)
+    if not p.is_absolute() and not p.exists() and (bundle / p).exists():
+        p = bundle / p
+    if not p.exists():
+        return None, f"the manifest's reference {named} does not exist on this machine"
+    want, have = ref.get("manifest_sha256"), manifest_sha256(p)
+    if want and have and want != have:
+        raise BundleError(f"the reference {p} named by {bundle}/manifest.json has manifest sha256 "
+                          f"{have[:12]}..., not the {want[:12]}... the bundle was built from",
+                          fix="pass the right FP32 export with --reference, or rebuild the bundle")
+    return p, f"manifest: {p}"
+
+
+def _close_runner(runner) -> None:
+    """Release a runner's sessions now (the next runner's memory must not stack on them)."""
+    close = getattr(runner, "close", None)
+    if callable(close):
+        close()
+
+
+# ----------------------------------------------------------------------------- latency figures
+
+def latency_figures(records: list[dict]) -> dict:
+    """Summaries over all questions, per question kind and per stage, plus the raw samples."""
+    kinds = list(dict.fromkeys(r["kind"] for r in records))
+    samples = {s: [r[s] for r in records if r.get(s) is not None]
+               for s in (*wl.STAGES, "total")}
+    samples = {s: v for s, v in samples.items() if v}
+    return {
+        "latency_ms": latency_summary([r["total"] for r in records]),
+        "latency_ms_by_kind": {k: latency_summary([r["total"] for r in records if r["kind"] == k])
+                               for k in kinds},
+        "latency_ms_by_stage": {s: latency_summary(v) for s, v in samples.items()},
+        "latency_samples_ms": {**samples, "kind": [r["kind"] for r in records]},
+    }
+
+
+def _cold_start(bundle: Path, workload: wl.Workload, threads, rss: _Rss):
+    t0 = time.perf_counter()
+    runner = wl.open_runner(bundle, threads=threads)
+    t1 = time.perf_counter()
+    q = workload.queries[0]
+    board = workload.boards[q.board_index]
+    runner.ask(board.test_path, board.template_path, q.qa.question)
+    t2 = time.perf_counter()
+    rss.sample()
+    return runner, {"total_ms": (t2 - t0) * 1e3, "load_ms": (t1 - t0) * 1e3,
+                    "first_answer_ms": (t2 - t1) * 1e3}
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def _board_errors(gt: list[dict], pred: list[dict]) -> tuple[int, int]:
+    from pcbedge.benchmarks.metrics import DEEPPCB_IOU, deeppcb_ap
+    r = deeppcb_ap([gt], [pred], DEEPPCB_IOU)
+    return r["n_gt"] - r["tp"], r["fp"]
+
+
+def build_gallery(workload: wl.Workload, answers: list[list[dict]],
+                  limit: int = GALLERY_MAX) -> list[dict]:
+    """PNG cards of up to ``limit`` boards, those with misses and false reports first."""
+    from pcbedge.benchmarks.report_html import render_boxes_png
+    from pcbedge.data.preprocess import read_gray
+
+    preds = acc_mod.describe_predictions(workload, answers)
+    rows = []
+    for i, board in enumerate(workload.boards):
+        gt = wl.board_ground_truth(board)
+        missed, false = _board_errors(gt, preds[i])
+        rows.append((-(missed + false), i, gt, missed, false))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    cards = []
+    for _, i, gt, missed, false in rows[:limit]:
+        board = workload.boards[i]
+        kinds = [q.qa.kind for q in workload.board_queries(i)]
+        ans = answers[i][kinds.index("describe")]
+        caption = f"{workload.board_queries(i)[kinds.index('describe')].qa.question} -> " \
+                  f"{str(ans.get('answer', ''))[:240]}"
+        cards.append({"id": f"{board.group}/{board.id}", "n_missed": missed, "n_false": false,
+                      "caption": caption,
+                      "png_bytes": render_boxes_png(read_gray(board.test_path), gt, preds[i])})
+    return cards
+
+
+def _write_outputs(out: Path, report: dict, workload: wl.Workload,
+                   answers: list[list[dict]]) -> None:
+    from pcbedge.benchmarks.report_html import write_report_html
+
+    preds = acc_mod.describe_predictions(workload, answers)
+    lines = [json.dumps({"id": f"{b.group}/{b.id}", "image": str(b.test_path), "defects": p},
+                        default=_json_default) for b, p in zip(workload.boards, preds)]
+    _write_atomic(out / "predictions.jsonl", "\n".join(lines) + "\n")
+    report["outputs"] = {k: str(out / k) for k in ("report.json", "predictions.jsonl",
+                                                   "report.html")}
+    _write_atomic(out / "report.json", json.dumps(report, indent=2, default=_json_default) + "\n")
+    # The HTML draws CDFs from the raw per-stage samples, not from the JSON's summaries.
+    html_view = {**report, "latency_ms_by_stage": {
+        k: v for k, v in report["latency_samples_ms"].items() if k != "kind"}}
+    html = write_report_html(out / "report.html", html_view, build_gallery(workload, answers))
+    with contextlib.suppress(OSError):  # the report is written; its mode is a convenience
+        _readable(html)
+
+
+def _f(v, nd: int = 3) -> str:
+    if isinstance(v, bool) or v is None:
+        return "n/a" if v is None else str(v)
+    return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def print_summary(report: dict, out: Path) -> None:
+    """A plain-text table of the headline figures and the gates."""
+    import click
+
+    w = report["workload"]
+    echo = click.echo
+    echo(f"\npcbedge bench  {report['bundle']}  ({w['n_boards']} boards, {w['n_questions']} "
+         f"questions, {report['question_split']} phrasing)")
+    echo(f"{'latency ms':<12}{'n':>6}{'p50':>10}{'p90':>10}{'p95':>10}{'p99':>10}{'max':>10}")
+    rows = {"all": report["latency_ms"], **report["latency_ms_by_kind"]}
+    for name, s in rows.items():
+        echo(f"  {name:<10}{s['n']:>6}" + "".join(f"{_f(s[k], 1):>10}"
+                                               for k in ("p50", "p90", "p95", "p99", "max")))
+    echo(f"cold start {_f(report['cold_start_ms'], 1)} ms   throughput "
+         f"{_f(report['throughput_qps'], 2)} q/s   peak RSS {_f(report['peak_rss_mb'], 0)} MB")
+    a = report["accuracy"]
+    echo("accuracy   " + "  ".join(f"{k} {_f(a.get(k))}" for k in (
+        "deeppcb_map", "deeppcb_f", "map_05", "count_exact_match", "hallucination_rate",
+        "count_accuracy", "intent_accuracy")))
+    d = report["drift"]
+    echo("drift      " + (f"answer agreement {_f(d['answer_agreement'])}, mAP delta "
+                          f"{_f(d['delta']['deeppcb_map'])}" if d.get("available")
+                          else f"none ({d.get('reason')})"))
+    for name, g in report["gates"].items():
+        verdict = {"passed": "PASS", "failed": "FAIL"}.get(g["status"], "skip")
+        echo(f"  gate {name:<24}{_f(g['value']):>10} {g['op']} {_f(g['limit']):<10}{verdict}")
+    echo(f"{'PASSED' if report['passed'] else 'FAILED'}  (report: {out / 'report.html'})")
+
+
+# ----------------------------------------------------------------------------- the verb
+
+@dataclass
+class _Run:
+    """What the bundle's own passes produced (the runner is gone by the time this is used)."""
+
+    cold: dict
+    lat: dict
+    rss: _Rss
+    rss_before: float
+    rss_after: float
+    answers: list
+    accuracy: dict
+    robustness: dict | None
+    environment: dict
+    manifest: dict
+
+
+def _measure_bundle(bundle: Path, workload: wl.Workload, manifest: dict, *, queries, min_seconds,
+                    warmup, robustness, threads, progress) -> _Run:
+    """Cold start, latency pass, accuracy pass (and robustness) of the bundle itself."""
+    rss = _Rss()
+    runner, cold = _cold_start(bundle, workload, threads, rss)
+    rss_before = rss.sample()
+    lat = wl.latency_pass(runner, workload, queries=queries, min_seconds=min_seconds,
+                          warmup=warmup, start=1, progress=progress, on_query=rss.sample)
+    rss_after = rss.sample()
+    answers = wl.answer_boards(runner, workload, progress=progress)
+    accuracy = acc_mod.score_accuracy(workload, answers)
+    robust = acc_mod.run_robustness(runner, workload, accuracy, progress=progress) \
+        if robustness else None
+    rss.sample()
+    env = collect_environment(bundle, runner, threads)
+    run_manifest = getattr(runner, "manifest", None) or manifest
+    _close_runner(runner)
+    del runner
+    gc.collect()
+    return _Run(cold, lat, rss, rss_before, rss_after, answers, accuracy, robust, env,
+                run_manifest)
+
+
+def _drift(ref_path: Path | None, ref_note: str, workload: wl.Workload, run: _Run, threads,
+           progress: bool) -> dict:
+    """The same boards and questions through the FP32 reference, compared with the bundle."""
+    if ref_path is None:
+        return {"available": False, "reason": ref_note}
+    ref_runner = wl.open_runner(ref_path, threads=threads)
+    ref_answers = wl.answer_boards(ref_runner, workload, progress=progress, desc="reference")
+    _close_runner(ref_runner)
+    del ref_runner
+    gc.collect()
+    drift = acc_mod.drift_block(run.answers, ref_answers, run.accuracy,
+                                acc_mod.score_accuracy(workload, ref_answers))
+    drift.update(reference=str(ref_path), reference_manifest_sha256=manifest_sha256(ref_path),
+                 chosen=ref_note)
+    return drift
+
+
+def _assemble(bundle: Path, workload: wl.Workload, run: _Run, drift: dict, sweep_rows,
+              pass_args: dict) -> dict:
+    lat = run.lat
+    n, elapsed = len(lat["records"]), lat["elapsed_s"]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "title": f"pcbedge bench: {bundle.name}",
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "bundle": str(bundle),
+        "question_split": workload.question_split,
+        "question_seed": wl.QUESTION_SEED,
+        "workload": {"data_root": str(workload.data_root), "list_file": str(workload.list_file),
+                     "n_boards": len(workload.boards), "n_questions": len(workload.queries)},
+        "environment": run.environment,
+        "cold_start_ms": run.cold["total_ms"],
+        "cold_start": run.cold,
+        **latency_figures(lat["records"]),
+        "latency_pass": {"scenario": "SingleStream", "n": n, "elapsed_s": elapsed, **pass_args},
+        "throughput_qps": n / elapsed if elapsed > 0 else None,
+        "peak_rss_mb": run.rss.peak,
+        "rss_growth_mb": run.rss_after - run.rss_before,
+        "memory": {"rss_start_mb": run.rss.start, "rss_before_latency_mb": run.rss_before,
+                   "rss_after_latency_mb": run.rss_after, "peak_rss_mb": run.rss.peak},
+        "accuracy": run.accuracy,
+        "drift": drift,
+        "robustness": run.robustness,
+        "sweep": sweep_rows,
+    }
+
+
+def run_benchmark(bundle, *, data=None, list_file=None, reference=None, out_dir="bench-out",
+                  queries=200, min_seconds=10.0, warmup=5, gates=None, sweep=False,
+                  robustness=False, max_boards=None, threads=None, progress=True) -> dict:
+    """Benchmark ``bundle`` (a bundle folder, or a model folder for the PyTorch reference).
+
+    Returns the report dict (also ``out_dir/report.json``). Raises GateFailed after writing
+    every output when a gate is missed. ``None`` for out_dir / queries / min_seconds / warmup
+    means the default (what the CLI passes for an option not given). ``progress=False``
+    silences the progress bars and the terminal summary.
+    """
+    out_dir = DEFAULTS["out_dir"] if out_dir is None else out_dir
+    pass_args = {"queries": DEFAULTS["queries"] if queries is None else queries,
+                 "min_seconds": DEFAULTS["min_seconds"] if min_seconds is None else min_seconds,
+                 "warmup": DEFAULTS["warmup"] if warmup is None else warmup}
+    wl.check_pass_args(**pass_args)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise PcbEdgeError(f"threads {threads!r} is not a positive integer",
+                           fix="pass e.g. threads=2, or None for the bundle's own setting")
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise BundleError(f"bundle {bundle} not found",
+                          fix="pass a folder made by pcbedge build (or pcbedge export)")
+    manifest = read_manifest_json(bundle)
+    limits = gates_mod.resolve_limits(manifest, gates)  # a bad gate fails before the long run
+    workload = wl.load_workload(data, list_file, max_boards)
+    ref_path, ref_note = resolve_reference(bundle, manifest, reference)
+    out = _prepare_out(out_dir)
+
+    run = _measure_bundle(bundle, workload, manifest, robustness=robustness, threads=threads,
+                          progress=progress, **pass_args)
+    drift = _drift(ref_path, ref_note, workload, run, threads, progress)
+    sweep_rows = None
+    if sweep:
+        from pcbedge.benchmarks.sweep import run_sweep
+        sweep_rows = run_sweep(bundle, ref_path, run.manifest, workload, threads=threads,
+                               progress=progress, **pass_args)
+    report = _assemble(bundle, workload, run, drift, sweep_rows, pass_args)
+    report["gates"] = gates_mod.evaluate_gates(limits, report)
+    failed = gates_mod.failed_gates(report["gates"])
+    report["passed"] = not failed
+    report["failed_gates"] = failed
+    _write_outputs(out, report, workload, run.answers)
+    if progress:
+        print_summary(report, out)
+    if failed:
+        raise GateFailed(f"benchmark of {bundle}: gate(s) missed: "
+                         f"{gates_mod.describe_failures(report['gates'])} (report in {out})",
+                         fix="open report.html; rebuild with another recipe or relax the gate")
+    return report

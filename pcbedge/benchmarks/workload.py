@@ -1,0 +1,217 @@
+"""The bench workload (boards and their fixed question set) and the two passes that run it.
+
+Boards come from a DeepPCB-layout folder and a list file. Every board gets the same kind of
+question set, drawn with the HELD-OUT phrasings of :mod:`pcbedge.data.qa` from a generator seeded
+by the board id, so a board's questions do not depend on which other boards are in the list
+(a subset bench asks exactly what the full bench asks of those boards).
+
+* Accuracy pass: every board x question once, through the runner's ``encode`` /
+  ``answer_encoded`` (one vision pass per board, the shared preprocessing).
+* Latency pass (MLPerf SingleStream): one full ``ask`` at a time (file decode and preprocessing
+  included), cycling through the workload until both a query count and a duration are reached.
+"""
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pcbedge.data.deeppcb import Board, find_data_root, read_list
+from pcbedge.data.preprocess import PairMeta, load_pair, pair_to_input, read_gray, resize_u8
+from pcbedge.data.qa import QA, QuestionGenerator
+from pcbedge.errors import DatasetError, InputImageError, PcbEdgeError
+
+QUESTION_SPLIT = "heldout"
+QUESTION_SEED = 20240601  # fixed: changing it changes every bench's questions
+DEFAULT_LISTS = ("bench.txt", "test.txt")  # looked for, in order, under a data folder
+STAGES = ("preprocess", "vision", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class Query:
+    """One question about one board; ``board_index`` indexes :attr:`Workload.boards`."""
+
+    board_index: int
+    qa: QA
+
+
+@dataclass(frozen=True)
+class Workload:
+    boards: tuple[Board, ...]
+    queries: tuple[Query, ...]       # board by board, the questions of each in order
+    data_root: Path
+    list_file: Path
+    question_split: str = QUESTION_SPLIT
+
+    @cached_property
+    def _by_board(self) -> dict[int, list[Query]]:
+        out: dict[int, list[Query]] = {i: [] for i in range(len(self.boards))}
+        for q in self.queries:
+            out[q.board_index].append(q)
+        return out
+
+    def board_queries(self, i: int) -> list[Query]:
+        """The questions of board ``i``, in order (answers are aligned with this list)."""
+        return self._by_board[i]
+
+
+def board_ground_truth(board: Board) -> list[dict]:
+    """The board's DeepPCB defects as metric dicts (boxes in original pixels)."""
+    return [{"type": d.type, "bbox": list(d.bbox)} for d in board.defects]
+
+
+def board_questions(board: Board, seed: int = QUESTION_SEED) -> list[QA]:
+    """describe-all, then where / count / exists for one present and one absent type."""
+    board_seed = zlib.crc32(f"{seed}:{board.group}/{board.id}".encode())
+    gen = QuestionGenerator(seed=board_seed, split=QUESTION_SPLIT)
+    return gen.for_board_eval({d.type for d in board.defects})
+
+
+def _resolve_list(root: Path, list_file, data_given: bool) -> Path:
+    if list_file is not None:
+        lf = Path(list_file)
+        return root / lf if not lf.is_absolute() and (root / lf).is_file() else lf
+    for name in DEFAULT_LISTS:
+        if (root / name).is_file():
+            return root / name
+    hint = "" if data_given else " (the embedded sample should hold bench.txt: reinstall pcbedge)"
+    raise DatasetError(f"data folder {root} holds none of {', '.join(DEFAULT_LISTS)}{hint}",
+                       fix="pass list_file= (--list FILE) naming the boards to bench")
+
+
+def load_workload(data=None, list_file=None, max_boards: int | None = None) -> Workload:
+    """Boards of ``list_file`` under ``data`` (default: the embedded sample's bench.txt)."""
+    if max_boards is not None and (isinstance(max_boards, bool) or not isinstance(max_boards, int)
+                                   or max_boards < 1):
+        raise PcbEdgeError(f"max_boards {max_boards!r} is not a positive integer",
+                           fix="pass e.g. max_boards=8, or None for every board of the list")
+    root = find_data_root(data)
+    if not root.is_dir():
+        raise DatasetError(f"data folder {root} does not exist",
+                           fix="pass --data DIR pointing at a DeepPCB-layout folder")
+    lf = _resolve_list(root, list_file, data is not None)
+    boards = read_list(root, lf)[:max_boards]
+    queries = tuple(Query(i, qa) for i, b in enumerate(boards) for qa in board_questions(b))
+    return Workload(tuple(boards), queries, root, lf)
+
+
+# ----------------------------------------------------------------------------- runner access
+
+def runner_input_size(runner) -> int:
+    """The model input side S the runner was built for (from its manifest)."""
+    man = getattr(runner, "manifest", None) or {}
+    for value in (getattr(runner, "input_size", None), man.get("input_size"),
+                  (man.get("shapes") or {}).get("input_size"),
+                  (man.get("model") or {}).get("input_size"),
+                  (man.get("preprocess") or {}).get("input_size")):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    raise PcbEdgeError("the runner names no input size (manifest 'input_size')",
+                       fix="re-export the bundle with the current pcbedge")
+
+
+Degrade = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def board_input(board: Board, size: int, degrade: Degrade | None = None):
+    """(x [3,S,S], meta) of a board; ``degrade`` maps the uint8 (test, template) first."""
+    if degrade is None:
+        return load_pair(board.test_path, board.template_path, size)
+    test, temp = read_gray(board.test_path), read_gray(board.template_path)
+    if test.shape != temp.shape:
+        raise InputImageError(f"template {board.template_path} and board {board.test_path} "
+                              "differ in size", fix="pass aligned pairs of one size")
+    test, temp = degrade(test, temp)
+    meta = PairMeta(orig_w=test.shape[1], orig_h=test.shape[0], input_size=size)
+    return pair_to_input(resize_u8(test, size), resize_u8(temp, size)), meta
+
+
+def answer_boards(runner, workload: Workload, *, degrade: Degrade | None = None,
+                  describe_only: bool = False, progress: bool = True,
+                  desc: str = "accuracy") -> list[list[dict]]:
+    """answers[i][k]: the answer to question k of board i (one vision pass per board)."""
+    from tqdm import tqdm
+
+    size = runner_input_size(runner)
+    out: list[list[dict]] = []
+    for i, board in enumerate(tqdm(workload.boards, desc=desc, unit="board",
+                                   disable=not progress, leave=False)):
+        x, meta = board_input(board, size, degrade)
+        enc = runner.encode(x)
+        qs = workload.board_queries(i)
+        if describe_only:
+            qs = [q for q in qs if q.qa.kind == "describe"][:1]
+        out.append([runner.answer_encoded(enc, q.qa.question, meta) for q in qs])
+    return out
+
+
+# ----------------------------------------------------------------------------- latency pass
+
+def _one_query(runner, workload: Workload, q: Query) -> tuple[dict, float]:
+    board = workload.boards[q.board_index]
+    t0 = time.perf_counter()
+    ans = runner.ask(board.test_path, board.template_path, q.qa.question)
+    return ans, (time.perf_counter() - t0) * 1000.0
+
+
+def _record(q: Query, ans: dict, wall_ms: float) -> dict:
+    lat = ans.get("latency_ms") or {}
+    rec = {"kind": q.qa.kind, "total": wall_ms}
+    for s in STAGES:
+        v = lat.get(s)
+        rec[s] = float(v) if isinstance(v, (int, float)) else None
+    rec["runner_total"] = float(lat["total"]) if isinstance(lat.get("total"), (int, float)) \
+        else None
+    return rec
+
+
+def latency_pass(runner, workload: Workload, *, queries: int, min_seconds: float, warmup: int,
+                 start: int = 0, progress: bool = True, on_query: Callable | None = None) -> dict:
+    """SingleStream: ``warmup`` unmeasured queries, then one at a time until at least ``queries``
+    measured AND ``min_seconds`` elapsed. ``on_query()`` runs after each measured query (RSS)."""
+    from tqdm import tqdm
+
+    n_work = len(workload.queries)
+    k = start
+    for _ in range(warmup):
+        _one_query(runner, workload, workload.queries[k % n_work])
+        k += 1
+    records: list[dict] = []
+    bar = tqdm(total=queries, desc="latency", unit="q", disable=not progress, leave=False)
+    t_start = time.perf_counter()
+    while len(records) < queries or time.perf_counter() - t_start < min_seconds:
+        q = workload.queries[k % n_work]
+        ans, wall = _one_query(runner, workload, q)
+        records.append(_record(q, ans, wall))
+        k += 1
+        if on_query is not None:
+            on_query()
+        if len(records) <= queries:
+            bar.update(1)
+    elapsed = time.perf_counter() - t_start
+    bar.close()
+    return {"records": records, "elapsed_s": elapsed, "warmup": warmup}
+
+
+def check_pass_args(queries, min_seconds, warmup) -> None:
+    """Fail loudly on a latency pass that would be empty or never end."""
+    if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
+        raise PcbEdgeError(f"queries {queries!r} is not a positive integer",
+                           fix="pass e.g. queries=200 (MLPerf SingleStream uses >= 1024)")
+    if isinstance(min_seconds, bool) or not isinstance(min_seconds, (int, float)) \
+            or not 0 <= min_seconds < float("inf"):
+        raise PcbEdgeError(f"min_seconds {min_seconds!r} is not a finite number >= 0",
+                           fix="pass e.g. min_seconds=10")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise PcbEdgeError(f"warmup {warmup!r} is not an integer >= 0", fix="pass e.g. warmup=5")
+
+
+def open_runner(path, **kwargs):
+    """The runner for a bundle or model folder (the one place the bench builds runners)."""
+    from pcbedge.runtimes import load_runner
+    return load_runner(path, **kwargs)
