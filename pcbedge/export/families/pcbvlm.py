@@ -19,29 +19,14 @@ VISION_OUTPUTS = ("visual_tokens", "region_tokens", "region_boxes", "region_scor
 
 
 class VisionGraph(nn.Module):
-    """Vision encoder + projector in one graph.
-
-    Tracing patch: ``VisionEncoder.forward`` builds the image size as
-    ``torch.tensor(float(x.shape[2]))``, which the dynamo exporter freezes to the example's size
-    (boxes then come out wrong at any other size). This recomputes the same forward with the
-    size as a shape-derived tensor; the parity check compares it with the model's own forward.
-    """
+    """Vision encoder + projector in one graph."""
 
     def __init__(self, model):
         super().__init__()
         self.vision, self.projector = model.vision, model.projector
 
     def forward(self, pixel_values):
-        from pcbedge.models.pcbvlm.vision import extract_regions
-
-        v = self.vision.cfg.vision
-        feat, c32, heat, box = self.vision.dense(pixel_values)
-        hw = (torch.scalar_tensor(pixel_values.shape[2]),
-              torch.scalar_tensor(pixel_values.shape[3]))
-        boxes, scores, raw = extract_regions(heat, box, feat, v.num_regions, v.stride, hw)
-        r = v.token_stride // v.stride
-        prior = F.max_pool2d(torch.sigmoid(heat).amax(1, keepdim=True), r, r).flatten(1)
-        diff = F.avg_pool2d(pixel_values[:, 2:3], v.token_stride).flatten(1)
+        c32, boxes, scores, raw, prior, diff = self.vision(pixel_values)
         vis, reg = self.projector(c32, raw)
         return vis, reg, boxes, scores, prior, diff
 

@@ -86,6 +86,16 @@ def sincos_2d(h: int, w: int, dim: int, device=None) -> torch.Tensor:
     return torch.cat([oy.sin(), oy.cos(), ox.sin(), ox.cos()], dim=1)
 
 
+def _topk_lower_index_first(flat, k: int):
+    """Top-k with ties broken by the lower index, as ONNX's TopK specifies (and ONNX Runtime
+    does). Eager torch.topk leaves tie order unspecified, so eager mode uses a stable sort; the
+    exported graph keeps the cheap TopK. Ties are real: flat board areas give equal scores."""
+    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        return torch.topk(flat, k, dim=1)
+    vals, idx = torch.sort(flat, dim=1, descending=True, stable=True)
+    return vals[:, :k], idx[:, :k]
+
+
 def extract_regions(heat_logits, box, feat, k: int, stride: int, input_hw):
     """Top-K peaks of the class-max heatmap -> boxes (input pixels), scores, raw region features."""
     b, c, h, w = heat_logits.shape
@@ -93,7 +103,7 @@ def extract_regions(heat_logits, box, feat, k: int, stride: int, input_hw):
     peak = prob.amax(dim=1, keepdim=True)
     keep = (F.max_pool2d(peak, 3, 1, 1) == peak).to(peak.dtype)
     flat = (peak * keep).reshape(b, h * w)
-    scores, idx = torch.topk(flat, k, dim=1)
+    scores, idx = _topk_lower_index_first(flat, k)
     ys = torch.div(idx, w, rounding_mode="floor").to(torch.float32)
     xs = (idx - torch.div(idx, w, rounding_mode="floor") * w).to(torch.float32)
     gbox = torch.gather(box.reshape(b, 4, h * w), 2, idx.unsqueeze(1).expand(b, 4, k))
@@ -129,8 +139,10 @@ class VisionEncoder(nn.Module):
 
     def forward(self, x):
         feat, c32, heat, box = self.dense(x)
-        H = torch.tensor(float(x.shape[2]))  # traced as shape ops under export
-        W = torch.tensor(float(x.shape[3]))
+        # scalar_tensor of a shape stays symbolic under torch.export (torch.tensor(float(...))
+        # would freeze the example's size into the graph and break boxes at other sizes)
+        H = torch.scalar_tensor(x.shape[2])
+        W = torch.scalar_tensor(x.shape[3])
         boxes, scores, raw = extract_regions(heat, box, feat, self.cfg.vision.num_regions,
                                              self.cfg.vision.stride, (H, W))
         # token scores for pruning: defect prior (max heat per token cell), template difference
