@@ -111,8 +111,11 @@ GATE_OPTIONS = ("p95_ms_max", "max_map_drop", "max_count_drop", "max_hallucinati
 @click.option("--sweep", is_flag=True, help="Also sweep the pruning keep ratio.")
 @click.option("--robustness", is_flag=True, help="Also run the image-corruption checks.")
 @click.option("--boards", "max_boards", type=click.IntRange(min=1), help="Use at most N boards.")
+@click.option("--warmup", type=click.IntRange(min=0), help="Untimed queries before timing.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: the profile's).")
+@click.option("--quiet", is_flag=True, help="No progress bars or summary table.")
 def bench(bundle, data, list_file, reference, out_dir, queries, min_seconds, sweep, robustness,
-          max_boards, **gate_values) -> None:
+          max_boards, warmup, threads, quiet, **gate_values) -> None:
     """Measure a bundle's latency and accuracy drift against gates.
 
     Exits with code 3 when a gate is missed."""
@@ -121,7 +124,8 @@ def bench(bundle, data, list_file, reference, out_dir, queries, min_seconds, swe
     report = api.run_benchmark(bundle, data=data, list_file=list_file, reference=reference,
                                out_dir=out_dir, queries=queries, min_seconds=min_seconds,
                                gates=gates, sweep=sweep, robustness=robustness,
-                               max_boards=max_boards)
+                               max_boards=max_boards, warmup=warmup, threads=threads,
+                               progress=not quiet)
     if not report["passed"]:
         raise GateFailed(f"benchmark of {bundle}: gate(s) missed: {_failed_gates(report)}",
                          fix="see the report; rebuild with another recipe or relax the gate")
