@@ -106,7 +106,8 @@ def read_list(root: str | Path, list_file: str | Path = "trainval.txt", *,
 def _board_from_line(root: Path, line: str, lf: Path, lineno: int) -> Board:
     parts = line.split()
     if len(parts) != 2:
-        raise DatasetError(f"{lf}:{lineno}: expected 'IMAGE ANNOTATION', got {line!r}")
+        raise DatasetError(f"{lf}:{lineno}: expected 'IMAGE ANNOTATION', got {line!r}",
+                           fix="each line is 'groupG/N/ID.jpg groupG/N_not/ID.txt'")
     img_rel, ann_rel = parts
     img = root / img_rel
     stem = img.with_suffix("")

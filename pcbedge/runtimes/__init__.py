@@ -24,6 +24,11 @@ def validate_question(question) -> str:
     if len(question) > MAX_QUESTION_CHARS:
         raise QuestionError(f"the question is {len(question)} characters long, over the limit "
                             f"of {MAX_QUESTION_CHARS}", fix="ask a shorter question")
+    try:  # a lone surrogate (invalid UTF-8 in argv, "\ud800" in JSON) crashes the tokenizer
+        question.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise QuestionError(f"the question holds {question[e.start:e.end]!r} at character "
+                            f"{e.start}, which is not valid text", fix="pass UTF-8 text") from None
     return question
 
 

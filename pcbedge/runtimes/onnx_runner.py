@@ -7,6 +7,7 @@ Everything the runner needs comes from the manifest; it never branches on the fa
 """
 from __future__ import annotations
 
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,7 @@ class OnnxRunner:
             raise BundleError(f"bundle {bundle_dir} uses the answer parser {parser!r}, unknown "
                               f"to this pcbedge (known: {sorted(PARSERS)})",
                               fix="upgrade pcbedge")
+        _check_arch(bundle_dir, manifest)
         self.parser = PARSERS[parser]
         self.grammar = manifest["answer"]["grammar"]
         self.input_size = int(manifest["input_size"])
@@ -250,3 +252,23 @@ def _check_threads(threads) -> int | None:
         raise TargetError(f"threads={threads!r} is not a positive integer",
                           fix="use the number of CPU cores to use, or None for the default")
     return threads
+
+
+_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
+
+
+def _norm_arch(a: str) -> str:
+    a = a.lower()
+    return _ARCH_ALIASES.get(a, a)
+
+
+def _check_arch(bundle_dir: Path, manifest: dict) -> None:
+    """A bundle built for a target names its CPU architecture; refuse to run it on another."""
+    target = manifest.get("target") or {}
+    want = target.get("arch")
+    have = platform.machine()
+    if want and have and _norm_arch(want) != _norm_arch(have):
+        raise HardwareMismatchError(
+            f"bundle {bundle_dir} was built for target {target.get('name')!r} on {want}, "
+            f"but this machine is {have}",
+            fix=f"build a bundle for this machine: pcbedge build --target <a {have} target>")

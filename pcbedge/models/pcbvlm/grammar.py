@@ -89,11 +89,14 @@ class DecodeState:
 
     def step(self, logits: np.ndarray) -> int:
         """Pick the best allowed token from ``logits`` [V+K], advance, return the token id."""
-        mask = self.allowed()
-        z = np.where(mask, logits.astype(np.float64), -np.inf)
-        tok = int(np.argmax(z))
-        logp = float(z[tok] - _logsumexp(z[mask]))
-        self.advance(tok, logp)
+        ids = np.flatnonzero(self.allowed())
+        # only allowed ids compete, and non-finite logits are clamped, so a degenerate graph
+        # output (all -inf, NaN, +inf) still yields a well-formed answer with finite confidence
+        z = np.nan_to_num(np.asarray(logits, dtype=np.float64)[ids], nan=-1e30,
+                          posinf=1e30, neginf=-1e30)
+        j = int(np.argmax(z))
+        tok = int(ids[j])
+        self.advance(tok, float(z[j] - _logsumexp(z)))
         return tok
 
     def advance(self, tok: int, logp: float = 0.0) -> None:
