@@ -178,8 +178,8 @@ def check_sequence(spec: dict, scores: np.ndarray, toks: list[int], state) -> No
     types = {v: k for k, v in spec["types"].items()}
     body = toks[2:-1]
     assert len(body) % 2 == 0
-    regions = [r - spec["region_offset"] for r in body[1::2]]
-    assert all(types[t] == filt or filt == "all" for t in body[0::2])
+    regions = [r - spec["region_offset"] for r in body[0::2]]  # REGION TYPE pairs
+    assert all(types[t] == filt or filt == "all" for t in body[1::2])
     assert all(0 <= k < len(scores) and scores[k] >= spec["min_region_score"] for k in regions)
     assert all(a < b for a, b in zip(regions, regions[1:])), regions
     ans = build_answer(state, np.tile([0.0, 0.0, 8.0, 8.0], (len(scores), 1)), list)

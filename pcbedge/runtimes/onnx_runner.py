@@ -35,7 +35,7 @@ class AnswerParser:
 
 
 # keyed by the manifest's answer.parser, so a new answer language is data, not a code branch
-PARSERS = {"pcbvlm-pointer-v1": AnswerParser(DecodeState, build_answer, encode_question)}
+PARSERS = {"pcbvlm-pointer-v2": AnswerParser(DecodeState, build_answer, encode_question)}
 
 
 @dataclass(frozen=True)

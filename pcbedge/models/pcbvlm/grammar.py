@@ -3,12 +3,15 @@
 Pure numpy and torch-free: the ONNX runner uses it on device. The token ids come from the
 manifest's ``grammar`` block (see :func:`grammar_spec`), so the runner never guesses them.
 
-    answer  := INTENT FILTER (TYPE REGION)* EOS      |  <q_unsupported> EOS
+    answer  := INTENT FILTER (REGION TYPE)* EOS      |  <q_unsupported> EOS
     INTENT  := <q_where> | <q_count> | <q_exists> | <q_describe>
     FILTER  := <f_all> | <f_open> | ... | <f_pin_hole>
     TYPE    := <t_open> | ... (only the filter's type unless <f_all>)
     REGION  := <r_k>, k a proposal of the vision head with score >= min_region_score and
                k greater than every region already reported (each proposal at most once)
+
+The pointer comes first: at each REGION step the decoder chooses "the next defect (among the
+proposals, in proposal order) or stop", then TYPE classifies the region it just pointed at.
 
 A REGION token points at a proposal of the defect head: the box comes from the visual evidence,
 so the decoder can omit a defect but never invent a box that nothing in the image supports.
@@ -34,7 +37,7 @@ def grammar_spec(vocab: dict[str, int], num_regions: int, min_region_score: floa
                  calibration: dict) -> dict:
     """The JSON block a manifest carries so any runner can decode this answer language."""
     return {
-        "kind": "pcbvlm-pointer-v1",
+        "kind": "pcbvlm-pointer-v2",
         "bos": vocab["<bos>"], "sep": vocab["<sep>"], "eos": vocab["<eos>"], "pad": vocab["[PAD]"],
         "intents": {k: vocab[f"<q_{k}>"] for k in INTENTS},
         "filters": {"all": vocab["<f_all>"], **{t: vocab[f"<f_{t}>"] for t in DEFECT_TYPES}},
@@ -50,11 +53,11 @@ class DecodeState:
     """Where constrained greedy decoding stands; ``allowed`` gives the logit mask."""
     spec: dict
     region_scores: np.ndarray            # [K] evidence score of each proposal
-    phase: str = "intent"                # intent -> filter -> type <-> region -> done
+    phase: str = "intent"                # intent -> filter -> region <-> type -> done
     intent: str | None = None
     filter: str | None = None
     last_region: int = -1
-    pending_type: str | None = None
+    pending_region: int = -1
     pending_logp: float = 0.0
     defects: list = field(default_factory=list)   # (type, region_index, logp)
     done: bool = False
@@ -69,23 +72,16 @@ class DecodeState:
             ids = list(s["intents"].values())
         elif self.phase == "filter":
             ids = [s["eos"]] if self.intent == "unsupported" else list(s["filters"].values())
-        elif self.phase == "type":
-            types = DEFECT_TYPES if self.filter == "all" else (self.filter,)
-            ids = [s["eos"]]
-            if self._any_region_left():
-                ids += [s["types"][t] for t in types]
-        else:  # region
+        elif self.phase == "region":
             k = np.arange(len(self.region_scores))
             ok = (k > self.last_region) & (self.region_scores >= s["min_region_score"])
-            ids = list(s["region_offset"] + k[ok])
+            ids = [s["eos"]] + list(s["region_offset"] + k[ok])
+        else:  # type of the region just reported
+            types = DEFECT_TYPES if self.filter == "all" else (self.filter,)
+            ids = [s["types"][t] for t in types]
         mask = np.zeros(self.vocab_size(), dtype=bool)
         mask[ids] = True
         return mask
-
-    def _any_region_left(self) -> bool:
-        k = np.arange(len(self.region_scores))
-        return bool(np.any((k > self.last_region)
-                           & (self.region_scores >= self.spec["min_region_score"])))
 
     def step(self, logits: np.ndarray) -> int:
         """Pick the best allowed token from ``logits`` [V+K], advance, return the token id."""
@@ -108,15 +104,18 @@ class DecodeState:
             self.phase = "filter"
         elif self.phase == "filter":
             self.filter = _key_of(s["filters"], tok)
-            self.phase = "type"
-        elif self.phase == "type":
-            self.pending_type, self.pending_logp = _key_of(s["types"], tok), logp
             self.phase = "region"
         elif self.phase == "region":
             k = tok - s["region_offset"]
-            self.defects.append((self.pending_type, k, self.pending_logp + logp))
+            if not 0 <= k < len(self.region_scores):
+                raise ValueError(f"token {tok} is not a region pointer")
+            self.pending_region, self.pending_logp = k, logp
             self.last_region = k
             self.phase = "type"
+        elif self.phase == "type":
+            self.defects.append((_key_of(s["types"], tok), self.pending_region,
+                                 self.pending_logp + logp))
+            self.phase = "region"
         else:
             raise ValueError(f"token {tok} after the answer ended")
 

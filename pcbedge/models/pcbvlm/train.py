@@ -161,11 +161,14 @@ def finetune(data_dir, out_dir, fc: FinetuneConfig = FinetuneConfig(), list_file
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     train_b, val_b = split_trainval(read_list(data_dir, list_file))
-    tok = build_tokenizer(vocabulary_corpus(), PcbVlmConfig().vision.num_regions)
-    cfg = PcbVlmConfig(text=TextConfig(vocab_size=tok.get_vocab_size()))
-    model = PcbVlm(cfg, tok)
-    if fc.init_from:  # continue from a saved model (same tokenizer corpus, same config)
-        model.load_state_dict(PcbVlm.from_pretrained(fc.init_from).state_dict())
+    if fc.init_from:  # continue from a saved model: its config, tokenizer and weights
+        model = PcbVlm.from_pretrained(fc.init_from)
+        model.calibration = {"a": 1.0, "b": 0.0}
+        cfg = model.cfg
+    else:
+        tok = build_tokenizer(vocabulary_corpus(), PcbVlmConfig().vision.num_regions)
+        cfg = PcbVlmConfig(text=TextConfig(vocab_size=tok.get_vocab_size()))
+        model = PcbVlm(cfg, tok)
     train = [Board8(b, cfg.input_size) for b in tqdm(train_b, desc="loading train boards")]
     val = [Board8(b, cfg.input_size) for b in tqdm(val_b, desc="loading validation boards")]
     with open(out / "train_log.jsonl", "w") as logf:

@@ -75,7 +75,7 @@ def answer_ids(spec: dict, qa: QA, match: np.ndarray) -> list[int]:
     for k in np.nonzero(match >= 0)[0]:
         t = DEFECT_TYPES[int(match[k])]
         if filt == "all" or t == filt:
-            ids += [spec["types"][t], spec["region_offset"] + int(k)]
+            ids += [spec["region_offset"] + int(k), spec["types"][t]]
     return ids + [spec["eos"]]
 
 
@@ -128,7 +128,9 @@ def train_decoder(model, items, fc, logf) -> None:
         ids, lab, c32, raw = make_batch(model, items, rng, gen, fc, max_q)
         vis, reg = model.projector(c32, raw)
         n_vis = vis.shape[1]
-        keep = n_vis if rng.random() < 0.3 else max(8, int(n_vis * rng.uniform(0.05, 1.0)))
+        # visual-token dropout; mostly short prefixes (the region tokens carry the evidence),
+        # which also makes a step ~3x cheaper; 15% of batches see every token
+        keep = n_vis if rng.random() < 0.15 else max(8, int(n_vis * rng.uniform(0.05, 0.5)))
         idx = torch.stack([torch.randperm(n_vis)[:keep].sort().values for _ in range(len(ids))])
         vis = torch.gather(vis, 1, idx.unsqueeze(2).expand(-1, -1, vis.shape[2]))
         logits = model.decoder.forward_full(vis, reg, ids)

@@ -1,0 +1,348 @@
+"""Static INT8 quantization of one ONNX graph, in QDQ form, with ONNX Runtime's quantizer.
+
+QDQ (QuantizeLinear/DequantizeLinear pairs around the quantized ops) is the one form both
+onnxruntime (which fuses DQ -> op -> Q into integer kernels) and TensorRT's explicit quantization
+read, so one graph serves both runtimes. What gets Q/DQ is chosen per graph by measurement
+(docs/build.md): quantize where the weights are (Conv, and MatMul/Gemm with a constant B), keep
+Softmax and LayerNormalization in float always.
+
+Calibration data is passed in as an iterator of feeds (see :mod:`pcbedge.calibration`); nothing
+here loads data behind the caller's back.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from pcbedge.errors import CalibrationError, ExportError, TargetError
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("qdq_static",)
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+TYPES = ("uint8", "int8")
+# INT8 over a long token axis destroys Softmax (measured, docs/build.md); LayerNorm's variance
+# is as sensitive. These stay float whatever a profile asks.
+ALWAYS_FLOAT = ("Softmax", "LayerNormalization")
+# Conv nodes with fewer output channels than this stay float by default: the 6- and 4-channel
+# head outputs (heatmap logits, box regression) are too narrow for the int8 kernels to gain
+# anything, and their rounding lands directly on the scores and boxes. The 3-channel stem stays
+# int8: its input is pixels / 255, which uint8 represents exactly, and keeping it float cost
+# ~20% of the int8 graph's time (float conv + layout reorders around it; docs/build.md).
+DEFAULT_MIN_CONV_CHANNELS = 8
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """How one graph is quantized. ``extra_options`` are passed to onnxruntime's
+    ``quantize_static`` as they are (sorted (key, value) pairs, so the config stays hashable)."""
+
+    scheme: str = "qdq_static"
+    op_types: tuple[str, ...] = ("Conv",)
+    per_channel: bool = True
+    calibration_method: str = "minmax"
+    activation_type: str = "uint8"
+    weight_type: str = "int8"
+    activation_symmetric: bool = False
+    nodes_to_exclude: tuple[str, ...] = ()
+    min_conv_channels: int = DEFAULT_MIN_CONV_CHANNELS
+    preprocess: bool = True
+    extra_options: tuple[tuple[str, Any], ...] = field(default=())
+
+    def __post_init__(self):
+        _check_choice("scheme", self.scheme, SCHEMES)
+        _check_choice("calibration_method", self.calibration_method, CALIBRATION_METHODS)
+        _check_choice("activation_type", self.activation_type, TYPES)
+        _check_choice("weight_type", self.weight_type, TYPES)
+        if not self.op_types:
+            raise TargetError("quantization op_types is empty",
+                              fix="name the op types to quantize, e.g. ['Conv']")
+        bad = sorted(set(self.op_types) & set(ALWAYS_FLOAT))
+        if bad:
+            raise TargetError(f"quantization op_types include {bad}, which pcbedge keeps in "
+                              "float: int8 Softmax over the token axis and int8 LayerNorm "
+                              "destroy the answer", fix="remove them from the op list")
+        if self.activation_type == "int8" and self.weight_type == "uint8":
+            raise TargetError("int8 activations with uint8 weights are not supported by "
+                              "onnxruntime", fix="use weight_type 'int8'")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["op_types"] = list(self.op_types)
+        d["nodes_to_exclude"] = list(self.nodes_to_exclude)
+        d["extra_options"] = {k: v for k, v in self.extra_options}
+        return d
+
+    def with_options(self, **options) -> "QuantizationConfig":
+        """A copy with more ``extra_options`` (e.g. ``QDQKeepRemovableActivations=True``)."""
+        merged = dict(self.extra_options) | options
+        return replace(self, extra_options=tuple(sorted(merged.items())))
+
+
+def _check_choice(name: str, value, valid: tuple) -> None:
+    if value not in valid:
+        raise TargetError(f"quantization {name} {value!r} is not valid",
+                          fix=f"use one of: {', '.join(valid)}")
+
+
+def quantize_graph(src: str | Path, dst: str | Path, config: QuantizationConfig,
+                   calibration: Iterable[dict]) -> dict:
+    """Quantize the graph ``src`` into ``dst`` per ``config``, calibrating on the feeds that
+    ``calibration`` yields; returns the Q/DQ placement report (:mod:`pcbedge.build.report`)."""
+    try:
+        quantizer = QUANTIZERS[config.scheme]
+    except KeyError:
+        raise TargetError(f"no quantizer for scheme {config.scheme!r}",
+                          fix=f"use one of: {', '.join(QUANTIZERS)}") from None
+    return quantizer(Path(src), Path(dst), config, calibration)
+
+
+class FeedReader:
+    """An onnxruntime ``CalibrationDataReader`` (it recognises any class with ``get_next``) over
+    an iterable of feed dicts; keeps only the graph's inputs and counts what it handed out."""
+
+    def __init__(self, feeds: Iterable[dict], input_names: Iterable[str]):
+        self._it: Iterator[dict] = iter(feeds)
+        self._names = set(input_names)
+        self.count = 0
+
+    def get_next(self) -> dict | None:
+        feed = next(self._it, None)
+        if feed is None:
+            return None
+        missing = self._names - set(feed)
+        if missing:
+            raise CalibrationError(f"calibration feed lacks the graph inputs {sorted(missing)}",
+                                   fix="yield dicts keyed by the graph's input names")
+        self.count += 1
+        return {k: v for k, v in feed.items() if k in self._names}
+
+    def __iter__(self):  # onnxruntime >= 1.17 also iterates readers
+        return iter(self.get_next, None)
+
+
+def _quantize_qdq_static(src: Path, dst: Path, config: QuantizationConfig,
+                         calibration: Iterable[dict]) -> dict:
+    import onnx
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    from pcbedge.build.report import check_always_float, qdq_report
+
+    qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[config.calibration_method]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".quant-", dir=dst.parent) as tmp:
+        model_in = _preprocess(src, Path(tmp) / "pre.onnx") if config.preprocess else src
+        model = onnx.load(str(model_in))
+        exclude = sorted(set(config.nodes_to_exclude) | set(activation_matmuls(model))
+                         | set(narrow_convs(model, config.min_conv_channels)))
+        inputs = [i.name for i in model.graph.input
+                  if i.name not in {t.name for t in model.graph.initializer}]
+        reader = FeedReader(calibration, inputs)
+        extra = {"ActivationSymmetric": config.activation_symmetric, "WeightSymmetric": True,
+                 **dict(config.extra_options)}
+        try:
+            quantize_static(str(model_in), str(dst), reader, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(config.op_types),
+                            per_channel=config.per_channel, reduce_range=False,
+                            activation_type=qtype[config.activation_type],
+                            weight_type=qtype[config.weight_type],
+                            nodes_to_exclude=exclude or None, calibrate_method=method,
+                            extra_options=extra)
+        except (CalibrationError, TargetError):
+            raise
+        except Exception as e:  # the quantizer raises ValueError, RuntimeError, ORT errors
+            if reader.count == 0:
+                raise CalibrationError(f"calibration of {src.name} got no input",
+                                       fix="pass a calibration set with at least one board"
+                                       ) from None
+            raise ExportError(f"quantizing {src.name} failed: {type(e).__name__}: {e}",
+                              fix="check the op list of the target profile") from e
+    if reader.count == 0:
+        dst.unlink(missing_ok=True)
+        raise CalibrationError(f"calibration of {src.name} got no input",
+                               fix="pass a calibration set with at least one board")
+    report = qdq_report(dst)
+    check_always_float(report, ALWAYS_FLOAT, dst.name)
+    report["calibration_samples"] = reader.count
+    report["excluded_nodes"] = exclude
+    return report
+
+
+def _preprocess(src: Path, out: Path) -> Path:
+    """onnxruntime's quant_pre_process: shape inference and the portable graph optimisations
+    (Conv+BN folding, constant folding) so the quantizer sees the graph the runtime runs."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    try:
+        # re-saved as one file first: quant_pre_process (onnxruntime 1.32) loses an exporter's
+        # side-car .data file whether it is given the path or the loaded model
+        single = out.with_name("single.onnx")
+        model = onnx.load(str(src))
+        reroute_shape_reads(model)
+        onnx.save(model, str(single))
+        quant_pre_process(str(single), str(out), skip_symbolic_shape=True)
+    except Exception as e:  # onnx / ORT raise many types here
+        raise ExportError(f"quantization pre-processing of {src.name} failed: "
+                          f"{type(e).__name__}: {e}",
+                          fix="set preprocess=False in the QuantizationConfig") from e
+    return out
+
+
+def reroute_shape_reads(model) -> int:
+    """Let Conv+BatchNormalization fold: a Shape node that reads a Conv output which otherwise
+    only feeds a BatchNormalization reads the BN's output instead (same shape). The dynamo
+    exporter emits such Shape reads, and onnxruntime's Conv+BN fusion refuses a Conv output with
+    a second consumer, leaving a float BN behind a quantized conv. Returns how many moved."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    moved = 0
+    for bn in model.graph.node:
+        src = bn.input[0] if bn.op_type == "BatchNormalization" else None
+        if src is None or producer.get(src) is None or producer[src].op_type != "Conv":
+            continue
+        others = [c for c in consumers.get(src, []) if c is not bn]
+        if others and all(c.op_type == "Shape" for c in others):
+            for c in others:
+                c.input[0] = bn.output[0]
+                moved += 1
+    return moved
+
+
+def activation_matmuls(model) -> list[str]:
+    """MatMul nodes whose B is not a weight (attention scores, probabilities @ V). They stay
+    float: their inputs are Softmax outputs and K/V activations. (onnxruntime's QDQ quantizer
+    ignores its own MatMulConstBOnly option, so they are excluded by name.)"""
+    consts = {t.name for t in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def is_weight(name: str, depth: int = 0) -> bool:
+        if name in consts:
+            return True
+        node = producer.get(name)
+        return (node is not None and depth < 3 and node.op_type in ("Transpose", "Reshape", "Cast")
+                and is_weight(node.input[0], depth + 1))
+
+    return [n.name for n in model.graph.node
+            if n.op_type == "MatMul" and len(n.input) > 1 and not is_weight(n.input[1])]
+
+
+def narrow_convs(model, min_channels: int) -> list[str]:
+    """Names of Conv nodes with fewer than ``min_channels`` output channels."""
+    if min_channels <= 0:
+        return []
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in shapes:
+            continue
+        if shapes[node.input[1]][0] < min_channels:
+            out.append(node.name)
+    return out
+
+
+QUANTIZERS: dict[str, Callable[..., dict]] = {"qdq_static": _quantize_qdq_static}
+
+
+# --- from a target profile ----------------------------------------------------------------------
+
+# The Q/DQ flavour each runtime reads best. TensorRT's explicit quantization takes int8 with zero
+# point 0 only (symmetric); onnxruntime's x86 kernels are u8 x s8 (docs/build.md measures both).
+RUNTIME_FLAVOURS: dict[str, dict] = {
+    "onnxruntime": {"activation_type": "uint8", "activation_symmetric": False},
+    # TensorRT fuses a float bias into its int8 convolutions; an int32 bias DequantizeLinear is
+    # not something its parser takes
+    "tensorrt": {"activation_type": "int8", "activation_symmetric": True,
+                 "extra_options": (("QuantizeBias", False),)},
+}
+
+
+def config_for_graph(profile, graph: str) -> QuantizationConfig | None:
+    """The QuantizationConfig a target profile asks for ``graph`` ("vision" or "decoder"), or
+    None when that graph is not int8."""
+    if getattr(profile.precision, graph) != "int8":
+        return None
+    q = profile.quantization
+    return QuantizationConfig(scheme=q.scheme, op_types=tuple(getattr(q, f"{graph}_ops")),
+                              per_channel=q.per_channel,
+                              calibration_method=q.calibration_method,
+                              **RUNTIME_FLAVOURS[profile.runtime])
+
+
+def measure_drift(reference: str | Path, quantized: str | Path, feeds: Iterable[dict],
+                  min_score: float = 0.05) -> dict:
+    """The check after quantization, on real feeds: per float output of ``quantized`` its
+    relative L2 error against ``reference`` (mean and max over the feeds; for the region outputs
+    this is order-sensitive, since int8 may swap near-equal TopK proposals), and when the graph
+    has ``region_boxes``/``region_scores`` the detection-level view of :func:`match_detections`
+    under the key ``"detections"``."""
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    ref = ort.InferenceSession(str(reference), opts, providers=["CPUExecutionProvider"])
+    qnt = ort.InferenceSession(str(quantized), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in ref.get_outputs()]
+    errs: dict[str, list[float]] = {n: [] for n in names}
+    det = {"kept": 0, "total": 0, "score": [], "box": []}
+    for feed in feeds:
+        r = dict(zip(names, ref.run(names, feed)))
+        q = dict(zip(names, qnt.run(names, feed)))
+        for n in names:
+            if np.issubdtype(r[n].dtype, np.floating):
+                errs[n].append(float(np.linalg.norm(q[n] - r[n])
+                                     / max(float(np.linalg.norm(r[n])), 1e-12)))
+        if "region_boxes" in r and "region_scores" in r:
+            kept, ds, db, total = match_detections(r, q, min_score)
+            det["kept"] += kept
+            det["total"] += total
+            det["score"] += ds
+            det["box"] += db
+    out = {n: {"mean": float(np.mean(v)), "max": float(np.max(v)), "inputs": len(v)}
+           for n, v in errs.items() if v}
+    if det["total"]:
+        out["detections"] = {
+            "min_score": min_score, "fp32_detections": det["total"],
+            "kept": det["kept"] / det["total"],
+            "score_abs_err": float(np.mean(det["score"])) if det["score"] else None,
+            "box_abs_err_px": float(np.mean(det["box"])) if det["box"] else None}
+    return out
+
+
+def box_iou(a, b):
+    """IoU of every box of ``a`` [N, 4] with every box of ``b`` [M, 4] (x1, y1, x2, y2)."""
+    import numpy as np
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
+    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+
+
+def match_detections(ref: dict, out: dict, min_score: float):
+    """(kept, score diffs, box diffs, total) for the reference proposals scored >= ``min_score``
+    (batch item 0): each is matched to the other graph's proposal of highest IoU (int8 may
+    reorder TopK); kept when that IoU >= 0.5 and its score >= ``min_score``."""
+    import numpy as np
+    rs, rb = ref["region_scores"][0], ref["region_boxes"][0]
+    qs, qb = out["region_scores"][0], out["region_boxes"][0]
+    live = np.flatnonzero(rs >= min_score)
+    if not live.size:
+        return 0, [], [], 0
+    ious = box_iou(rb[live], qb)
+    best = ious.argmax(1)
+    ok = (ious[np.arange(live.size), best] >= 0.5) & (qs[best] >= min_score)
+    ds = [float(x) for x in np.abs(qs[best] - rs[live])[ok]]
+    db = [float(x) for x in np.abs(qb[best] - rb[live])[ok].mean(1)]
+    return int(ok.sum()), ds, db, int(live.size)
