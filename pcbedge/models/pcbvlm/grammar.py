@@ -7,11 +7,14 @@ manifest's ``grammar`` block (see :func:`grammar_spec`), so the runner never gue
     INTENT  := <q_where> | <q_count> | <q_exists> | <q_describe>
     FILTER  := <f_all> | <f_open> | ... | <f_pin_hole>
     TYPE    := <t_open> | ... (only the filter's type unless <f_all>)
-    REGION  := <r_k>, k a proposal of the vision head with score >= min_region_score and
-               k greater than every region already reported (each proposal at most once)
+    REGION  := <r_k>, k a proposal of the vision head with score >= min_region_score that has
+               not been reported yet (each proposal at most once)
 
-The pointer comes first: at each REGION step the decoder chooses "the next defect (among the
-proposals, in proposal order) or stop", then TYPE classifies the region it just pointed at.
+The pointer comes first: at each REGION step the decoder chooses "one more defect among the
+proposals not yet reported, or stop", then TYPE classifies the region it just pointed at.
+Training presents the defects in proposal order, but region tokens carry no index, so the
+decoder learns a distribution over the remaining true regions; decoding therefore lets it
+pick any unreported one (most probable first) instead of forcing proposal order.
 
 A REGION token points at a proposal of the defect head: the box comes from the visual evidence,
 so the decoder can omit a defect but never invent a box that nothing in the image supports.
@@ -57,6 +60,7 @@ class DecodeState:
     intent: str | None = None
     filter: str | None = None
     last_region: int = -1
+    emitted: set = field(default_factory=set)   # regions already reported
     pending_region: int = -1
     pending_logp: float = 0.0
     defects: list = field(default_factory=list)   # (type, region_index, logp)
@@ -74,7 +78,7 @@ class DecodeState:
             ids = [s["eos"]] if self.intent == "unsupported" else list(s["filters"].values())
         elif self.phase == "region":
             k = np.arange(len(self.region_scores))
-            ok = (k > self.last_region) & (self.region_scores >= s["min_region_score"])
+            ok = ~np.isin(k, list(self.emitted)) & (self.region_scores >= s["min_region_score"])
             ids = [s["eos"]] + list(s["region_offset"] + k[ok])
         else:  # type of the region just reported
             types = DEFECT_TYPES if self.filter == "all" else (self.filter,)
@@ -111,6 +115,7 @@ class DecodeState:
                 raise ValueError(f"token {tok} is not a region pointer")
             self.pending_region, self.pending_logp = k, logp
             self.last_region = k
+            self.emitted.add(k)
             self.phase = "type"
         elif self.phase == "type":
             self.defects.append((_key_of(s["types"], tok), self.pending_region,
