@@ -65,11 +65,19 @@ def board_ground_truth(board: Board) -> list[dict]:
     return [{"type": d.type, "bbox": list(d.bbox)} for d in board.defects]
 
 
+DETECTION_QUESTION = "Describe all defects."
+
+
 def board_questions(board: Board, seed: int = QUESTION_SEED) -> list[QA]:
-    """describe-all, then where / count / exists for one present and one absent type."""
+    """describe-all, then where / count / exists for one present and one absent type.
+
+    The detection figures (DeepPCB AP, count match, hallucinations) come from the canonical
+    ``DETECTION_QUESTION``, so they measure what the model sees, not how it reads a paraphrase;
+    the typed questions use the held-out phrasings, so their accuracy measures that."""
     board_seed = zlib.crc32(f"{seed}:{board.group}/{board.id}".encode())
     gen = QuestionGenerator(seed=board_seed, split=QUESTION_SPLIT)
-    return gen.for_board_eval({d.type for d in board.defects})
+    qs = gen.for_board_eval({d.type for d in board.defects})
+    return [QA(DETECTION_QUESTION, "describe", None) if q.kind == "describe" else q for q in qs]
 
 
 def _resolve_list(root: Path, list_file, data_given: bool) -> Path:
