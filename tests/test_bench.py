@@ -324,9 +324,9 @@ def test_gate_limits_precedence_and_evaluation():
     assert limits["min_map"] == {"limit": 0.2, "source": "override"}
     assert limits["max_map_drop"] == {"limit": 0.01, "source": "default"}
     report = {"latency_ms": {"p95": 301.0}, "accuracy": {"deeppcb_map": 0.6,
-              "count_accuracy": 0.7, "hallucination_rate": 0.1},
+              "count_exact_match": 0.7, "hallucination_rate": 0.1},
               "drift": {"available": True, "reference_accuracy": {
-                  "deeppcb_map": 0.605, "count_accuracy": 0.75, "hallucination_rate": 0.1}}}
+                  "deeppcb_map": 0.605, "count_exact_match": 0.75, "hallucination_rate": 0.1}}}
     g = gates_mod.evaluate_gates(limits, report)
     assert g["p95_ms_max"]["passed"] is False and g["min_map"]["passed"] is True
     assert g["max_map_drop"]["passed"] is True and g["max_count_drop"]["passed"] is False
