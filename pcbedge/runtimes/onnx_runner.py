@@ -16,12 +16,13 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from pcbedge.data.preprocess import PairMeta, load_pair
+from pcbedge.data.preprocess import PairMeta
 from pcbedge.errors import BundleError, HardwareMismatchError, InputImageError, TargetError
 from pcbedge.export.manifest import read_manifest, safe_path, verify_files
 from pcbedge.models.pcbvlm.grammar import DecodeState, build_answer
 from pcbedge.models.pcbvlm.tokenizer import encode_question
 from pcbedge.runtimes import validate_max_new_tokens, validate_question
+from pcbedge.runtimes.base import AskMixin
 from pcbedge.runtimes.pruning import TokenPruningConfig, as_pruning_config, select_tokens
 
 
@@ -50,7 +51,7 @@ def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000.0, 3)
 
 
-class OnnxRunner:
+class OnnxRunner(AskMixin):
     """ONNX Runtime runner of a bundle; sessions are created once in the constructor."""
 
     def __init__(self, bundle_dir: str | Path, *, threads: int | None = None,
@@ -182,25 +183,6 @@ class OnnxRunner:
         ans["info"] = {"visual_tokens_kept": int(vis.shape[1]), "visual_tokens_total": n_total,
                        "pruning": cfg.to_dict(), "new_tokens": len(out),
                        "engine": "onnxruntime", "providers": self.providers}
-        return ans
-
-    def ask_array(self, x: np.ndarray, meta: PairMeta | None, question: str, *,
-                  max_new_tokens: int = 64, pruning=None) -> dict:
-        """Answer about an already preprocessed input [3, S, S]."""
-        validate_question(question)
-        return self.answer_encoded(self.encode(x), question, meta,
-                                   max_new_tokens=max_new_tokens, pruning=pruning)
-
-    def ask(self, test_path, template_path, question: str, *, max_new_tokens: int = 64,
-            pruning=None) -> dict:
-        """Answer ``question`` about a board image and its golden template."""
-        t0 = time.perf_counter()
-        validate_question(question)
-        x, meta = load_pair(test_path, template_path, self.input_size)
-        pre_ms = _ms(t0)
-        ans = self.ask_array(x, meta, question, max_new_tokens=max_new_tokens, pruning=pruning)
-        ans["latency_ms"]["preprocess"] = pre_ms
-        ans["latency_ms"]["total"] = _ms(t0)
         return ans
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pcbedge.data.preprocess import PairMeta, load_pair
+from pcbedge.data.preprocess import PairMeta
 from pcbedge.errors import InputImageError
 from pcbedge.runtimes import validate_max_new_tokens, validate_question
+from pcbedge.runtimes.base import AskMixin
 from pcbedge.runtimes.pruning import (SCORE_OUTPUTS, TokenPruningConfig, as_pruning_config,
                                       select_tokens)
 
@@ -18,7 +19,7 @@ def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000.0, 3)
 
 
-class TorchRunner:
+class TorchRunner(AskMixin):
     """Runs a model folder with PyTorch; ``encode`` returns the model's encode_image dict."""
 
     def __init__(self, model_dir: str | Path, *, threads: int | None = None, pruning=None,
@@ -87,21 +88,4 @@ class TorchRunner:
                        "visual_tokens_total": n_total, "pruning": cfg.to_dict(),
                        "new_tokens": len(ans["token_ids"]), "engine": "torch",
                        "providers": [self.device]}
-        return ans
-
-    def ask_array(self, x: np.ndarray, meta: PairMeta | None, question: str, *,
-                  max_new_tokens: int = 64, pruning=None) -> dict:
-        validate_question(question)
-        return self.answer_encoded(self.encode(x), question, meta,
-                                   max_new_tokens=max_new_tokens, pruning=pruning)
-
-    def ask(self, test_path, template_path, question: str, *, max_new_tokens: int = 64,
-            pruning=None) -> dict:
-        t0 = time.perf_counter()
-        validate_question(question)
-        x, meta = load_pair(test_path, template_path, self.input_size)
-        pre_ms = _ms(t0)
-        ans = self.ask_array(x, meta, question, max_new_tokens=max_new_tokens, pruning=pruning)
-        ans["latency_ms"]["preprocess"] = pre_ms
-        ans["latency_ms"]["total"] = _ms(t0)
         return ans
