@@ -24,7 +24,8 @@ def test_load_pair_shape_dtype_range(sample_board):
     x, meta = load_pair(sample_board.test_path, sample_board.template_path)
     assert x.shape == (3, 640, 640) and x.dtype == np.float32
     assert 0.0 <= x.min() and x.max() <= 1.0
-    assert meta == PairMeta(orig_w=640, orig_h=640, input_size=640)
+    assert (meta.orig_w, meta.orig_h, meta.input_size) == (640, 640, 640)
+    assert (meta.quality.shift_x, meta.quality.shift_y) == (0, 0)
     assert RECIPE["channels"] == ["test", "template", "abs_diff"]
 
 

@@ -19,10 +19,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from pcbedge.data.deeppcb import Board, find_data_root, read_list
-from pcbedge.data.preprocess import PairMeta, load_pair, pair_to_input, read_gray, resize_u8
+from pcbedge.data.degrade import Degrade
+from pcbedge.data.preprocess import load_pair, prepare_pair, read_gray
 from pcbedge.data.qa import QA, QuestionGenerator
 from pcbedge.errors import DatasetError, InputImageError, PcbEdgeError
 
@@ -123,7 +122,6 @@ def runner_input_size(runner) -> int:
                        fix="re-export the bundle with the current pcbedge")
 
 
-Degrade = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def board_input(board: Board, size: int, degrade: Degrade | None = None):
@@ -135,8 +133,7 @@ def board_input(board: Board, size: int, degrade: Degrade | None = None):
         raise InputImageError(f"template {board.template_path} and board {board.test_path} "
                               "differ in size", fix="pass aligned pairs of one size")
     test, temp = degrade(test, temp)
-    meta = PairMeta(orig_w=test.shape[1], orig_h=test.shape[0], input_size=size)
-    return pair_to_input(resize_u8(test, size), resize_u8(temp, size)), meta
+    return prepare_pair(test, temp, size, (str(board.test_path), str(board.template_path)))
 
 
 def answer_boards(runner, workload: Workload, *, degrade: Degrade | None = None,

@@ -4,7 +4,8 @@ Training, export checks, calibration and every runtime call :func:`load_pair`, s
 normalisation, channel order and EXIF handling are the same everywhere. numpy + Pillow only.
 
 Input tensor: float32 [3, S, S], channels (test, template, |test - template|), values in [0, 1],
-grayscale, EXIF orientation applied, bilinear resize from the original size to S x S.
+grayscale, EXIF orientation applied, each image contrast-stretched and the template registered
+onto the test (:mod:`pcbedge.data.align`), bilinear resize from the original size to S x S.
 Boxes predicted in model pixels map back to the original image with :meth:`PairMeta.to_original`.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pcbedge.data.align import PairQuality, align_pair
 from pcbedge.errors import InputImageError
 
 MAX_PIXELS = 40_000_000  # refuse decompression bombs before decoding
@@ -24,6 +26,8 @@ RECIPE = {
     "channels": ["test", "template", "abs_diff"],
     "color": "grayscale (PIL 'L'; 16-bit scaled to 8-bit)",
     "exif_transpose": True,
+    "align": "contrast stretch (p0.5/p99.5 -> 0/255) + template registration (phase "
+             "correlation, |shift| <= 16 px), pcbedge.data.align.align_pair",
     "resize": "bilinear to input_size x input_size",
     "scale": "x / 255.0",
     "layout": "NCHW float32",
@@ -35,6 +39,7 @@ class PairMeta:
     orig_w: int
     orig_h: int
     input_size: int
+    quality: PairQuality | None = None   # what alignment did and left (None: not aligned)
 
     @property
     def sx(self) -> float:
@@ -53,7 +58,7 @@ class PairMeta:
         return [x1 / self.sx, y1 / self.sy, x2 / self.sx, y2 / self.sy]
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self)   # quality becomes a plain dict too
 
 
 def read_gray(path: str | Path | bytes) -> np.ndarray:
@@ -116,15 +121,22 @@ def pair_to_input(test: np.ndarray, template: np.ndarray) -> np.ndarray:
     return np.stack([t, m, np.abs(t - m)])
 
 
-def load_pair(test_path, template_path, input_size: int = 640) -> tuple[np.ndarray, PairMeta]:
-    """Load a (test, template) pair into the model input [3, S, S] and its coordinate meta."""
-    test = read_gray(test_path)
-    temp = read_gray(template_path)
+def prepare_pair(test: np.ndarray, temp: np.ndarray, input_size: int,
+                 names: tuple[str, str] = ("board image", "template")
+                 ) -> tuple[np.ndarray, PairMeta]:
+    """Two decoded uint8 images -> the model input [3, S, S] and its meta (align, resize)."""
     if test.shape != temp.shape:
         raise InputImageError(
-            f"template {template_path} is {temp.shape[1]}x{temp.shape[0]} but the board image "
-            f"{test_path} is {test.shape[1]}x{test.shape[0]}",
+            f"template {names[1]} is {temp.shape[1]}x{temp.shape[0]} but the board image "
+            f"{names[0]} is {test.shape[1]}x{test.shape[0]}",
             fix="pass the golden template of the same area, aligned and of the same size")
-    meta = PairMeta(orig_w=test.shape[1], orig_h=test.shape[0], input_size=input_size)
-    x = pair_to_input(resize_u8(test, input_size), resize_u8(temp, input_size))
-    return x, meta
+    test, temp, quality = align_pair(test, temp)
+    meta = PairMeta(orig_w=test.shape[1], orig_h=test.shape[0], input_size=input_size,
+                    quality=quality)
+    return pair_to_input(resize_u8(test, input_size), resize_u8(temp, input_size)), meta
+
+
+def load_pair(test_path, template_path, input_size: int = 640) -> tuple[np.ndarray, PairMeta]:
+    """Load a (test, template) pair into the model input [3, S, S] and its coordinate meta."""
+    return prepare_pair(read_gray(test_path), read_gray(template_path), input_size,
+                        (str(test_path), str(template_path)))
