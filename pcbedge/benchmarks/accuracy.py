@@ -7,13 +7,13 @@ Answers and annotations are both in original-image pixels. Definitions: docs/ben
 """
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
 
 from pcbedge.benchmarks import metrics
 from pcbedge.benchmarks.workload import Workload, answer_boards, board_ground_truth
+from pcbedge.data.degrade import DEGRADATIONS
 
 # Figures whose bench-minus-reference delta is reported (scalars; per-type dicts per type).
 DELTA_KEYS = ("deeppcb_map", "deeppcb_f", "deeppcb_precision", "deeppcb_recall", "map_05",
@@ -161,55 +161,8 @@ def drift_block(answers: list[list[dict]], ref_answers: list[list[dict]], acc: d
 
 # ----------------------------------------------------------------------------- robustness
 
-def _pil(a: np.ndarray):
-    from PIL import Image
-    return Image.fromarray(a)
-
-
-def _blur(test, temp):
-    from PIL import ImageFilter
-    return np.asarray(_pil(test).filter(ImageFilter.GaussianBlur(radius=1.5))), temp
-
-
-def _noise(test, temp):
-    rng = np.random.default_rng(0)  # the same noise field on every board: reproducible
-    noisy = test.astype(np.float32) + rng.normal(0.0, 12.0, test.shape).astype(np.float32)
-    return np.clip(noisy + 0.5, 0, 255).astype(np.uint8), temp
-
-
-def _jpeg(test, temp):
-    from PIL import Image
-    buf = io.BytesIO()
-    _pil(test).save(buf, format="JPEG", quality=30)
-    buf.seek(0)
-    return np.asarray(Image.open(buf).convert("L")), temp
-
-
-def _affine(scale: float, offset: float):
-    def apply(test, temp):
-        y = (test.astype(np.float32) - 128.0) * scale + 128.0 + offset
-        return np.clip(y + 0.5, 0, 255).astype(np.uint8), temp
-    return apply
-
-
-def _shift(px: int):
-    """Template moved ``px`` right and down (edge replicated): a misregistered golden image."""
-    def apply(test, temp):
-        padded = np.pad(temp, ((px, 0), (px, 0)), mode="edge")
-        return test, padded[: temp.shape[0], : temp.shape[1]]
-    return apply
-
-
-DEGRADATIONS = {
-    "gaussian_blur_r1.5": _blur,
-    "gaussian_noise_s12": _noise,
-    "jpeg_q30": _jpeg,
-    "brightness_+40": _affine(1.0, 40.0),
-    "contrast_x0.6": _affine(0.6, 0.0),
-    "template_shift_2px": _shift(2),
-    "template_shift_4px": _shift(4),
-}
-ROBUST_KEYS = ("deeppcb_map", "count_exact_match", "mean_confidence")
+ROBUST_KEYS = ("deeppcb_map", "deeppcb_precision", "count_exact_match", "mean_confidence",
+               "ece")
 
 
 def _ratio(v, clean):
