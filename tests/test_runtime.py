@@ -23,7 +23,7 @@ from pcbedge.testing import random_pair_input, tiny_bundle, write_pair_images
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 ANSWER_KEYS = {"answer", "intent", "filter", "count", "defects", "complete", "raw", "token_ids",
-               "latency_ms", "info"}
+               "latency_ms", "info", "image_quality"}   # image_quality: asked from image files
 LATENCY_KEYS = {"preprocess", "vision", "prefill", "decode", "total"}
 
 
@@ -163,6 +163,7 @@ def test_ask_matches_torch_runner(exported, runner, tmp_path):
         ref = ref_runner.ask(test_img, temp_img, q)
         assert set(got) == ANSWER_KEYS and set(ref) == ANSWER_KEYS
         assert got["token_ids"] == ref["token_ids"] and got["defects"] == ref["defects"]
+        assert got["image_quality"] == ref["image_quality"]
         assert set(got["latency_ms"]) == LATENCY_KEYS == set(ref["latency_ms"])
         assert got["latency_ms"]["total"] >= got["latency_ms"]["decode"] >= 0
         assert got["info"]["visual_tokens_kept"] == got["info"]["visual_tokens_total"] == 16

@@ -174,7 +174,9 @@ class OnnxRunner(AskMixin):
             pos += 1
         decode_ms = _ms(t0)
         to_orig = meta.to_original if meta is not None else (lambda b: list(b))
-        ans = self.parser.build(state, enc.outputs["region_boxes"][0], to_orig, question)
+        quality = meta.as_dict().get("quality") if meta is not None else None
+        ans = self.parser.build(state, enc.outputs["region_boxes"][0], to_orig, question,
+                                quality=quality)
         ans["raw"] = self.tokenizer.decode(out, skip_special_tokens=False)
         ans["token_ids"] = out
         ans["latency_ms"] = {"preprocess": 0.0, "vision": enc.vision_ms, "prefill": prefill_ms,

@@ -137,31 +137,57 @@ def _logsumexp(z: np.ndarray) -> float:
     return m + math.log(float(np.sum(np.exp(z - m))))
 
 
-def calibrate(logp: float, calibration: dict) -> float:
-    """Raw joint log-probability of (type, region) -> calibrated confidence (Platt on logit)."""
+def quality_penalty(quality: dict | None, calibration: dict) -> float:
+    """How much an imperfect capture lowers the confidence logit: ``c * log(residual / r0)``
+    above the reference residual ``r0`` (the calibration's ``quality`` block), else 0. The
+    residual is the fraction of pixels where test and aligned template still differ
+    (:class:`pcbedge.data.align.PairQuality`): clean aligned boards stay below ``r0``."""
+    q = calibration.get("quality") if isinstance(calibration, dict) else None
+    if not quality or not q:
+        return 0.0
+    r = float(quality.get("residual", 0.0) or 0.0)
+    if not math.isfinite(r) or r <= q["residual_ref"]:
+        return 0.0
+    return float(q["c"]) * math.log(r / q["residual_ref"])
+
+
+def calibrate(logp: float, calibration: dict, penalty: float = 0.0) -> float:
+    """Raw joint log-probability of (type, region) -> calibrated confidence (Platt on logit,
+    minus the image-quality penalty)."""
     p = min(max(math.exp(logp), 1e-6), 1 - 1e-6)
     z = math.log(p / (1 - p))
     a, b = calibration.get("a", 1.0), calibration.get("b", 0.0)
-    return 1.0 / (1.0 + math.exp(-(a * z + b)))
+    return 1.0 / (1.0 + math.exp(-(a * z + b - penalty)))
 
 
-def build_answer(state: DecodeState, boxes: np.ndarray, to_original, question: str = "") -> dict:
-    """Render the decoded structure as the answer JSON (boxes mapped to original pixels)."""
+def build_answer(state: DecodeState, boxes: np.ndarray, to_original, question: str = "",
+                 quality: dict | None = None) -> dict:
+    """Render the decoded structure as the answer JSON (boxes mapped to original pixels).
+    ``quality`` (PairQuality as a dict) lowers the confidences of a poor capture."""
     cal = state.spec.get("calibration", {})
+    penalty = quality_penalty(quality, cal)
     defects = []
     for t, k, logp in state.defects:
         x1, y1, x2, y2 = (round(float(v), 1) for v in to_original(boxes[k]))
         defects.append({"type": t, "bbox": [x1, y1, x2, y2],
                         "center": [round((x1 + x2) / 2, 1), round((y1 + y2) / 2, 1)],
-                        "confidence": round(calibrate(logp, cal), 4), "region": int(k)})
+                        "confidence": round(calibrate(logp, cal, penalty), 4),
+                        "region": int(k)})
     intent = state.intent or "unsupported"
     if not state.done:
         intent_note = " (answer cut at the token limit)"
     else:
         intent_note = ""
-    return {"answer": render_sentence(intent, state.filter, defects) + intent_note,
-            "intent": intent, "filter": state.filter, "count": len(defects),
-            "defects": defects, "complete": state.done}
+    ans = {"answer": render_sentence(intent, state.filter, defects) + intent_note,
+           "intent": intent, "filter": state.filter, "count": len(defects),
+           "defects": defects, "complete": state.done}
+    if quality is not None:
+        ans["image_quality"] = dict(quality, confidence_penalty=round(penalty, 4))
+        if penalty > 0.5:
+            ans["answer"] += (f" Warning: the board and its template still differ on "
+                              f"{100 * quality['residual']:.1f}% of the pixels after alignment "
+                              "(blur, noise or a misplaced template?); confidences are lowered.")
+    return ans
 
 
 def _name(t: str | None, n: int) -> str:

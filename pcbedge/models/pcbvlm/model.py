@@ -75,7 +75,9 @@ class PcbVlm(nn.Module):
             logits, past = self.decoder.step(torch.tensor([[tok]]), torch.tensor([[pos]]), reg, past)
             pos += 1
         to_orig = meta.to_original if meta is not None else (lambda b: list(b))
-        ans = build_answer(state, enc["region_boxes"][0].numpy(), to_orig, question)
+        quality = meta.as_dict().get("quality") if meta is not None else None
+        ans = build_answer(state, enc["region_boxes"][0].numpy(), to_orig, question,
+                           quality=quality)
         ans["token_ids"] = out
         ans["raw"] = self.tokenizer.decode(out, skip_special_tokens=False)
         return ans
