@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,7 @@ class FinetuneConfig:
     word_dropout: float = 0.08
     threads: int = 2
     init_from: str | None = None  # a saved model folder to start from (e.g. checkpoint_stage_a)
+    set_pointer_loss: bool = True  # REGION target = every unreported true region (else: next one)
 
 
 class Board8:
@@ -150,9 +151,37 @@ def calibration_pairs(model: PcbVlm, boards: list[Board8], seed: int) -> tuple[l
     return logps, correct
 
 
+@torch.no_grad()
+def with_tokenizer(model: PcbVlm, tok) -> PcbVlm:
+    """``model`` moved onto the vocabulary of ``tok``: rows of known tokens are copied, a new
+    word starts as the mean of the rows of the pieces the old tokenizer split it into."""
+    old_tok = model.tokenizer
+    old, new = old_tok.get_vocab(with_added_tokens=True), tok.get_vocab(with_added_tokens=True)
+    if old == new:
+        return model
+    text = replace(model.cfg.text, vocab_size=len(new))
+    fresh = PcbVlm(replace(model.cfg, text=text), tok, model.calibration)
+    skip = ("decoder.tok.weight", "decoder.lm.weight", "decoder.lm.bias")
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if k not in skip},
+                          strict=False)
+    d_old, d_new = model.decoder, fresh.decoder
+    for token, i in new.items():
+        if i >= text.text_vocab:
+            continue  # region pointer tokens: no rows
+        rows = [old[token]] if token in old else \
+            [j for j in old_tok.encode(token, add_special_tokens=False).ids if j < len(old)]
+        if not rows:
+            continue
+        d_new.tok.weight[i] = d_old.tok.weight[rows].mean(0)
+        d_new.lm.weight[i] = d_old.lm.weight[rows].mean(0)
+        d_new.lm.bias[i] = d_old.lm.bias[rows].mean(0)
+    return fresh.eval()
+
+
 def finetune(data_dir, out_dir, fc: FinetuneConfig = FinetuneConfig(), list_file="trainval.txt"):
     """Train the reference model from scratch on the train part of ``data_dir``'s trainval list;
     calibrate on the validation part; save in the Hugging Face layout to ``out_dir``."""
+    from pcbedge.models.pcbvlm.quality import calibrate_quality
     from pcbedge.models.pcbvlm.train_lm import cache_vision, fit_platt, train_decoder
     torch.manual_seed(fc.seed)
     torch.set_num_threads(fc.threads)
@@ -161,8 +190,9 @@ def finetune(data_dir, out_dir, fc: FinetuneConfig = FinetuneConfig(), list_file
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     train_b, val_b = split_trainval(read_list(data_dir, list_file))
-    if fc.init_from:  # continue from a saved model: its config, tokenizer and weights
-        model = PcbVlm.from_pretrained(fc.init_from)
+    if fc.init_from:  # continue from a saved model: its config and weights, today's vocabulary
+        model = with_tokenizer(PcbVlm.from_pretrained(fc.init_from),
+                               build_tokenizer(vocabulary_corpus(), PcbVlmConfig().vision.num_regions))
         model.calibration = {"a": 1.0, "b": 0.0}
         cfg = model.cfg
     else:
@@ -182,6 +212,8 @@ def finetune(data_dir, out_dir, fc: FinetuneConfig = FinetuneConfig(), list_file
         logps, correct = calibration_pairs(model, val, fc.seed)
         model.calibration = fit_platt(logps, correct)
         logf.write(json.dumps({"stage": "C", **model.calibration}) + "\n")
+        block = calibrate_quality(model, val, fc.seed)
+        logf.write(json.dumps({"stage": "C2", **block}) + "\n")
     info = {"finetune_config": asdict(fc), "train_boards": len(train), "val_boards": len(val),
             "minutes": round((time.time() - t_start) / 60, 1), "torch_threads": fc.threads,
             "split": "per group, last 20% of sorted ids are validation"}

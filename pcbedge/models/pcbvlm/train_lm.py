@@ -80,8 +80,12 @@ def answer_ids(spec: dict, qa: QA, match: np.ndarray) -> list[int]:
 
 
 def make_batch(model, items, rng: random.Random, gen: QuestionGenerator, fc, max_q: int):
+    """Token ids, labels, the vision cache and ``targets`` [B,T,K]: at each REGION label, every
+    proposal still to be reported (the set-based pointer target: region tokens carry no index,
+    so any unreported true region is a right next answer)."""
     spec, tok = model.spec, model.tokenizer
     unk = tok.token_to_id("[UNK]")
+    off, K = spec["region_offset"], spec["num_regions"]
     seqs, labels, c32, raw = [], [], [], []
     for _ in range(fc.batch_b):
         it = items[rng.randrange(len(items))]
@@ -98,7 +102,24 @@ def make_batch(model, items, rng: random.Random, gen: QuestionGenerator, fc, max
     pad = spec["pad"]
     ids = torch.tensor([s + [pad] * (n - len(s)) for s in seqs])
     lab = torch.tensor([l + [IGNORE] * (n - len(l)) for l in labels])
-    return ids, lab, torch.stack(c32), torch.stack(raw)
+    targets = torch.zeros(len(seqs), n, K, dtype=torch.bool)
+    for b, l in enumerate(labels):
+        pos = [t for t, v in enumerate(l) if v >= off]
+        for j, t in enumerate(pos):
+            for t2 in pos[j:]:
+                targets[b, t, l[t2] - off] = True
+    return ids, lab, torch.stack(c32), torch.stack(raw), targets
+
+
+def pointer_set_loss(logits: torch.Tensor, targets: torch.Tensor, lab: torch.Tensor,
+                     off: int) -> torch.Tensor:
+    """Per position: -log of the probability mass on the allowed next regions, where the label
+    is a REGION; elsewhere 0. logits [B,T,V+K], targets [B,T,K]."""
+    lse_all = torch.logsumexp(logits, dim=-1)
+    ptr = logits[..., off:].masked_fill(~targets, float("-inf"))
+    lse_ok = torch.logsumexp(ptr, dim=-1)
+    is_reg = lab >= off
+    return torch.where(is_reg, lse_all - torch.where(is_reg, lse_ok, lse_all), 0.0)
 
 
 def part_of(spec: dict) -> dict[int, str]:
@@ -112,7 +133,7 @@ def part_of(spec: dict) -> dict[int, str]:
 def train_decoder(model, items, fc, logf) -> None:
     rng = random.Random(fc.seed + 1)
     torch.manual_seed(fc.seed + 1)
-    gen = QuestionGenerator(seed=fc.seed + 1, split="train")
+    gen = QuestionGenerator(seed=fc.seed + 1, split="train", fillers=True)
     params = list(model.projector.parameters()) + list(model.decoder.parameters())
     opt = torch.optim.AdamW(params, lr=fc.lr_b, weight_decay=0.01)
     model.projector.train(), model.decoder.train()
@@ -125,7 +146,7 @@ def train_decoder(model, items, fc, logf) -> None:
         frac = (time.time() - t0) / budget
         for g in opt.param_groups:
             g["lr"] = fc.lr_b * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))) * min(1, (step + 1) / 100)
-        ids, lab, c32, raw = make_batch(model, items, rng, gen, fc, max_q)
+        ids, lab, c32, raw, targets = make_batch(model, items, rng, gen, fc, max_q)
         vis, reg = model.projector(c32, raw)
         n_vis = vis.shape[1]
         # visual-token dropout; mostly short prefixes (the region tokens carry the evidence),
@@ -136,6 +157,10 @@ def train_decoder(model, items, fc, logf) -> None:
         logits = model.decoder.forward_full(vis, reg, ids)
         loss_all = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1),
                                    ignore_index=IGNORE, reduction="none").reshape(lab.shape)
+        if fc.set_pointer_loss:
+            loss_all = torch.where(lab >= spec["region_offset"],
+                                   pointer_set_loss(logits, targets, lab, spec["region_offset"]),
+                                   loss_all)
         valid = lab != IGNORE
         loss = loss_all[valid].mean()
         opt.zero_grad()
