@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pcbedge.data.deeppcb import DEFECT_TYPES, Board, read_list, split_trainval
+from pcbedge.data.align import align_pair
 from pcbedge.data.preprocess import pair_to_input, read_gray, resize_u8
 from pcbedge.data.qa import QuestionGenerator, vocabulary_corpus
 from pcbedge.models.pcbvlm.augment import crop, dihedral
@@ -59,8 +60,8 @@ class Board8:
 
     def __init__(self, b: Board, size: int):
         self.id = b.id
-        self.img = np.stack([resize_u8(read_gray(b.test_path), size),
-                             resize_u8(read_gray(b.template_path), size)])
+        test, temp, _ = align_pair(read_gray(b.test_path), read_gray(b.template_path))
+        self.img = np.stack([resize_u8(test, size), resize_u8(temp, size)])  # as load_pair
         self.boxes = np.array([d.bbox for d in b.defects], np.float32).reshape(-1, 4)
         self.types = np.array([TYPE_ID[d.type] for d in b.defects], np.int64)
 
