@@ -42,6 +42,11 @@ class PcbVlmConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     min_region_score: float = 0.05
+    # decoding (see grammar.py): weight of the evidence head's logit added to each pointer
+    # logit, and how a region's confidence is read ("softmax": its share of the step's
+    # probability; "margin": its logit over <eos>, i.e. "report it rather than stop")
+    region_prior_weight: float = 0.0
+    region_confidence: str = "softmax"
     model_type: str = MODEL_TYPE
 
     def to_dict(self) -> dict:
@@ -56,7 +61,9 @@ class PcbVlmConfig:
             v["widths"] = tuple(v["widths"])
         return cls(input_size=d.get("input_size", 640), vision=VisionConfig(**v),
                    text=TextConfig(**d.get("text", {})),
-                   min_region_score=d.get("min_region_score", 0.05))
+                   min_region_score=d.get("min_region_score", 0.05),
+                   region_prior_weight=float(d.get("region_prior_weight", 0.0)),
+                   region_confidence=d.get("region_confidence", "softmax"))
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -12,9 +12,16 @@ manifest's ``grammar`` block (see :func:`grammar_spec`), so the runner never gue
 
 The pointer comes first: at each REGION step the decoder chooses "one more defect among the
 proposals not yet reported, or stop", then TYPE classifies the region it just pointed at.
-Training presents the defects in proposal order, but region tokens carry no index, so the
-decoder learns a distribution over the remaining true regions; decoding therefore lets it
-pick any unreported one (most probable first) instead of forcing proposal order.
+Region tokens carry no index, so training targets the whole set of true regions not yet
+reported (set-based pointer loss); decoding lets the decoder pick any unreported one (most
+probable first). Two spec fields shape that step:
+
+* ``region_prior_weight`` w: each pointer logit gets ``w * logit(score_k)`` of the defect
+  head added before the choice (a product of experts: the language side and the evidence head
+  vote together on "which region next, or stop"); ``<eos>`` gets nothing. 0 = decoder only.
+* ``region_confidence``: ``"softmax"`` reads a region's raw confidence as its share of the
+  step's probability; ``"margin"`` as ``sigmoid(logit_k - logit_eos)``, "report it rather than
+  stop", which does not shrink when many true regions remain. Platt scaling then calibrates it.
 
 A REGION token points at a proposal of the defect head: the box comes from the visual evidence,
 so the decoder can omit a defect but never invent a box that nothing in the image supports.
@@ -36,8 +43,12 @@ DISPLAY = {"open": "open", "short": "short", "mousebite": "mousebite", "spur": "
            "spurious_copper": "spurious copper", "pin_hole": "pin-hole"}
 
 
+REGION_CONFIDENCE = ("softmax", "margin")
+
+
 def grammar_spec(vocab: dict[str, int], num_regions: int, min_region_score: float,
-                 calibration: dict) -> dict:
+                 calibration: dict, *, region_prior_weight: float = 0.0,
+                 region_confidence: str = "softmax") -> dict:
     """The JSON block a manifest carries so any runner can decode this answer language."""
     return {
         "kind": "pcbvlm-pointer-v2",
@@ -47,6 +58,8 @@ def grammar_spec(vocab: dict[str, int], num_regions: int, min_region_score: floa
         "types": {t: vocab[f"<t_{t}>"] for t in DEFECT_TYPES},
         "region_offset": vocab["<r_0>"], "num_regions": num_regions,
         "min_region_score": min_region_score,
+        "region_prior_weight": float(region_prior_weight),
+        "region_confidence": region_confidence,
         "calibration": calibration,
     }
 
@@ -94,10 +107,29 @@ class DecodeState:
         # output (all -inf, NaN, +inf) still yields a well-formed answer with finite confidence
         z = np.nan_to_num(np.asarray(logits, dtype=np.float64)[ids], nan=-1e30,
                           posinf=1e30, neginf=-1e30)
+        if self.phase == "region":
+            z = z + self._region_prior(ids)
         j = int(np.argmax(z))
         tok = int(ids[j])
-        self.advance(tok, float(z[j] - _logsumexp(z)))
+        if (self.phase == "region" and tok != self.spec["eos"]
+                and self.spec.get("region_confidence") == "margin"):
+            logp = _log_sigmoid(float(z[j] - z[0]))   # ids[0] is <eos> in the region phase
+        else:
+            logp = float(z[j] - _logsumexp(z))
+        self.advance(tok, logp)
         return tok
+
+    def _region_prior(self, ids: np.ndarray) -> np.ndarray:
+        """Weight x logit(evidence score) for each allowed pointer, 0 for <eos>: the decoder's
+        pointer and the defect head vote together on "which region next, or stop"."""
+        w = float(self.spec.get("region_prior_weight", 0.0) or 0.0)
+        out = np.zeros(len(ids))
+        if w:
+            k = ids[1:] - self.spec["region_offset"]
+            s = np.clip(np.nan_to_num(self.region_scores[k].astype(np.float64), nan=0.5),
+                        1e-6, 1 - 1e-6)
+            out[1:] = w * np.log(s / (1 - s))
+        return out
 
     def advance(self, tok: int, logp: float = 0.0) -> None:
         s = self.spec
@@ -130,6 +162,10 @@ def _key_of(d: dict, tok: int) -> str:
         if v == tok:
             return k
     raise ValueError(f"token {tok} is not one of {sorted(d.values())}")
+
+
+def _log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x > -30 else x
 
 
 def _logsumexp(z: np.ndarray) -> float:

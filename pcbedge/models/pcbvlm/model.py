@@ -39,7 +39,8 @@ class PcbVlm(nn.Module):
     def spec(self) -> dict:
         vocab = self.tokenizer.get_vocab(with_added_tokens=True)
         return grammar_spec(vocab, self.cfg.vision.num_regions, self.cfg.min_region_score,
-                            self.calibration)
+                            self.calibration, region_prior_weight=self.cfg.region_prior_weight,
+                            region_confidence=self.cfg.region_confidence)
 
     def encode_image(self, x: torch.Tensor) -> dict:
         """x [B,3,S,S] -> visual tokens, region tokens, region boxes/scores, token scores."""

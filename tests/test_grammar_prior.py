@@ -1,0 +1,79 @@
+"""The region step's evidence prior and margin confidence (grammar.py, torch-free)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pcbedge.models.pcbvlm.grammar import DecodeState, grammar_spec
+from pcbedge.models.pcbvlm.tokenizer import build_tokenizer
+
+K = 4
+
+
+def _spec(**kw):
+    vocab = build_tokenizer(["where is the short"], K).get_vocab(with_added_tokens=True)
+    return grammar_spec(vocab, K, 0.05, {"a": 1.0, "b": 0.0}, **kw)
+
+
+def _at_region_phase(spec, scores):
+    st = DecodeState(spec, np.asarray(scores, np.float32))
+    st.advance(spec["intents"]["describe"])
+    st.advance(spec["filters"]["all"])
+    assert st.phase == "region"
+    return st
+
+
+def _logits(spec, eos: float, regions: list[float]) -> np.ndarray:
+    z = np.full(spec["region_offset"] + K, -50.0)
+    z[spec["eos"]] = eos
+    z[spec["region_offset"]:] = regions
+    return z
+
+
+def test_defaults_keep_the_decoder_alone():
+    spec = _spec()
+    assert spec["region_prior_weight"] == 0.0 and spec["region_confidence"] == "softmax"
+    st = _at_region_phase(spec, [0.9, 0.1, 0.9, 0.9])
+    tok = st.step(_logits(spec, 0.0, [1.0, 2.0, -9, -9]))
+    assert tok == spec["region_offset"] + 1       # the decoder's favourite, despite its score
+
+
+def test_evidence_prior_can_overrule_a_weak_pointer_preference():
+    spec = _spec(region_prior_weight=2.0)
+    st = _at_region_phase(spec, [0.9, 0.1, 0.9, 0.9])
+    tok = st.step(_logits(spec, 0.0, [1.0, 2.0, -9, -9]))
+    assert tok == spec["region_offset"] + 0       # 1 + 2*logit(0.9) > 2 + 2*logit(0.1)
+
+
+def test_prior_never_adds_to_eos_and_low_evidence_makes_it_stop():
+    spec = _spec(region_prior_weight=3.0)
+    st = _at_region_phase(spec, [0.06, 0.06, 0.06, 0.06])
+    assert st.step(_logits(spec, 0.0, [2.0, 2.0, 2.0, 2.0])) == spec["eos"]
+    assert st.done
+
+
+def test_margin_confidence_does_not_shrink_with_many_true_regions():
+    for conf, many_lower in (("softmax", True), ("margin", False)):
+        spec = _spec(region_confidence=conf)
+        got = []
+        for regions in ([3.0, -9, -9, -9], [3.0, 3.0, 3.0, 3.0]):
+            st = _at_region_phase(spec, [0.9] * K)
+            st.step(_logits(spec, 0.0, regions))
+            got.append(st.pending_logp)
+        if many_lower:
+            assert got[1] < got[0] - 1.0
+        else:
+            assert got[1] == pytest.approx(got[0]) == pytest.approx(-math.log1p(math.exp(-3.0)))
+
+
+def test_degenerate_scores_and_logits_still_decode():
+    spec = _spec(region_prior_weight=5.0, region_confidence="margin")
+    st = _at_region_phase(spec, [np.nan, 1.0, 0.0, 0.5])
+    z = _logits(spec, np.nan, [np.inf, -np.inf, np.nan, 0.0])
+    for _ in range(2 * K + 2):
+        if st.done:
+            break
+        st.step(z if st.phase == "region" else np.zeros_like(z))
+    assert all(math.isfinite(lp) for _, _, lp in st.defects)
