@@ -64,15 +64,18 @@ def canonical_type(name, known: tuple[str, ...]) -> str | None:
     return t if t in known else None
 
 
-def _grounding(text: str) -> list[tuple[str | None, list[float]]]:
+def _grounding(text: str) -> list[tuple[list[str], list[float]]]:
+    """(candidate type names, box) per grounding box: the object_ref, or else the last two
+    words and the last word right before the box."""
     found = []
     for m in BOX_RE.finditer(text):
-        ref = m.group("ref")
-        if ref is None:   # the type as the word(s) right before the box
+        refs = [m.group("ref")] if m.group("ref") is not None else []
+        if not refs:
             before = SPECIAL_RE.sub(" ", text[:m.start()]).rstrip().rsplit("\n", 1)[-1]
             w = WORD_BEFORE_RE.search(before[-40:])
-            ref = w.group(1).split()[-1] if w else None
-        found.append((ref, [float(m.group(k)) for k in ("x1", "y1", "x2", "y2")]))
+            words = w.group(1).split() if w else []
+            refs = [" ".join(words[-2:]), words[-1]] if words else []
+        found.append((refs, [float(m.group(k)) for k in ("x1", "y1", "x2", "y2")]))
     return found
 
 
@@ -111,15 +114,16 @@ def parse_reply(text: str, frame: BoxFrame, known: tuple[str, ...], *,
                                    for v in box)):
                     notes.append(f"dropped an entry without a 4-number bbox_2d: {d!r}"[:200])
                     continue
-                items.append((d.get("type", d.get("label")), box))
+                items.append(([d.get("type", d.get("label"))], box))
         elif NO_DEFECT_RE.search(SPECIAL_RE.sub(" ", text)):
             fmt = "text"
         else:
             return _unparsed(text, complete)
     defects = []
-    for name, box in items:
-        t = canonical_type(name, known)
+    for names, box in items:
+        t = next((c for c in (canonical_type(n, known) for n in names) if c), None)
         if t is None:
+            name = names[-1] if names else None
             notes.append(f"dropped a box of unknown defect type {name!r} "
                          f"(known: {', '.join(known)})")
             continue
