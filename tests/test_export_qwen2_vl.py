@@ -186,3 +186,18 @@ def test_unknown_runner_is_refused(exported, tmp_path):
     (bundle / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="runner 'qwen9'"):
         load_runner(bundle)
+
+
+def test_cli_ask_without_template(exported, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from pcbedge.cli import cli
+    img = tmp_path / "board.png"
+    Image.fromarray(random_board(60, 90, seed=9)).save(img)
+    res = CliRunner().invoke(cli, ["ask", str(exported[3]), "--image", str(img), "--json",
+                                   "--max-new-tokens", "5", "--show", str(tmp_path / "o.png"),
+                                   Q])
+    assert res.exit_code == 0, res.output
+    ans = json.loads(res.output[:res.output.rindex("}") + 1])
+    assert len(ans["token_ids"]) <= 5 and "raw" in ans and (tmp_path / "o.png").is_file()

@@ -49,6 +49,8 @@ class QwenRunner(OnnxRunner):
     """Runner of ``runner: qwen2-vl`` bundles (graphs ``vision``, ``embed``, ``decoder``).
     Shares the session, provider, thread and hash handling of :class:`OnnxRunner`."""
 
+    template_optional = True   # the template is a second image in the prompt, when given
+
     def _setup(self, bundle_dir: Path, manifest: dict, threads, providers, pruning) -> None:
         ans = manifest["answer"]
         if ans.get("parser") not in PARSERS:
