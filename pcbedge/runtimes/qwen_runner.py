@@ -248,5 +248,11 @@ class QwenRunner(OnnxRunner):
         return ans
 
     def ask_array(self, *args, **kwargs):
-        raise InputImageError("ask_array takes the pcbvlm input layout, which a Qwen-VL bundle "
-                              "does not use", fix="call ask() with image paths or RGB arrays")
+        """Not available: it takes the stacked (test, template, diff) input of the default
+        runner, which a Qwen-VL bundle does not read."""
+        raise InputImageError("ask_array/encode/answer_encoded take the default runner's "
+                              "stacked input, which a Qwen-VL bundle does not use",
+                              fix="call ask() with image paths or uint8 RGB arrays, or "
+                                  "build_prompt + encode_images + generate")
+
+    encode = answer_encoded = ask_array

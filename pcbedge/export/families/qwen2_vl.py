@@ -237,14 +237,19 @@ class QwenVlFamily(VlmFamily):
         return {"logits": logits.numpy(), "present": present.numpy()}
 
     @torch.no_grad()
-    def reference_answer(self, model, x, question: str, meta, keep=None) -> dict:
+    def reference_answer(self, model, x, question: str, meta=None, keep=None, *,
+                         max_new_tokens: int = 32) -> dict:
         """transformers' greedy ``generate`` on a prepared prompt: ``x`` is the runner's
-        :class:`pcbedge.runtimes.qwen_runner.Prompt` (ids, pixel values, grids)."""
+        :class:`pcbedge.runtimes.qwen_runner.Prompt` (ids with ``question`` in place, pixel
+        values, grids); ``meta`` is unused and ``keep`` must be None (transformers cannot
+        prune, so a pruned answer has no PyTorch reference)."""
+        if keep is not None:
+            raise NotImplementedError("no PyTorch reference for a pruned Qwen-VL answer")
         ids = torch.from_numpy(np.asarray([x.input_ids], np.int64))
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                              pixel_values=torch.from_numpy(x.pixel_values),
                              image_grid_thw=torch.from_numpy(np.asarray(x.grids, np.int64)),
-                             max_new_tokens=int(meta or 32), do_sample=False)
+                             max_new_tokens=max_new_tokens, do_sample=False)
         return {"token_ids": out[0, ids.shape[1]:].tolist()}
 
     def check_parity(self, model, bundle_dir: Path, manifest: dict, **kwargs) -> dict:

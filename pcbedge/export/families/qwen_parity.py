@@ -140,7 +140,8 @@ def check_qwen_parity(family, model, bundle_dir: Path, manifest: dict, *, sizes=
         for q in QUESTIONS:
             prompt = runner.encode_images(runner.build_prompt(img, q, tmpl))
             got = runner.generate(prompt, max_new_tokens=ANSWER_TOKENS)["token_ids"]
-            ref = family.reference_answer(model, prompt, q, ANSWER_TOKENS)["token_ids"]
+            ref = family.reference_answer(model, prompt, q,
+                                           max_new_tokens=ANSWER_TOKENS)["token_ids"]
             checked += 1
             if got != ref:
                 mismatches.append({"input": case, "question": q, "onnx": got, "torch": ref})
