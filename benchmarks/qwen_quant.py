@@ -8,6 +8,8 @@ Variants (each one graph replaced, the others FP32):
 * ``vision_int8_static``: the vision graph, onnxruntime static QDQ (:func:`quantize_graph`,
   MatMul/Gemm with weight B; activation MatMuls, Softmax, LayerNorm stay float), calibrated on
   a small iterator of board-like images that are not the evaluation images;
+
+(all through :func:`pcbedge.build.qwen.quantize_qwen_bundle`, the library entry point)
 * ``decoder_int8_dynamic``: the decoder, ``quantize_dynamic`` (int8 weights, per-row dynamic
   activation scales), MatMul only;
 * ``decoder_int8_static``: the decoder, static QDQ calibrated on prefill and step feeds;
@@ -24,14 +26,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 QUESTION = "where are the defects on this board?"
+def _variants():
+    from pcbedge.build.qwen import QwenQuantConfig
+    return {"vision_int8_static": QwenQuantConfig(vision="int8_static", decoder="fp32"),
+            "decoder_int8_dynamic": QwenQuantConfig(vision="fp32", decoder="int8_dynamic"),
+            "decoder_int8_static": QwenQuantConfig(vision="fp32", decoder="int8_static"),
+            "decoder_int4_weight": QwenQuantConfig(vision="fp32", decoder="int4_weight")}
+
+
 SIZES = {"tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, vision_dim=32, vision_depth=2),
          "mid": dict(hidden=512, layers=4, heads=8, kv_heads=2, vision_dim=128,
                      vision_depth=2)}
@@ -56,76 +64,17 @@ def _boards(n: int, side: int, seed: int) -> list:
     return [random_board(side, side, seed + i) for i in range(n)]
 
 
-def vision_calibration(runner, images) -> list[dict]:
-    feeds = []
-    for img in images:
-        prompt = runner.build_prompt(img, QUESTION)
-        feeds.append(_vision_feeds(runner, prompt))
-    return feeds
-
-
-def _vision_feeds(runner, prompt) -> dict:
-    from pcbedge.runtimes import qwen_preprocess as qp
-    v, g = runner.vision_cfg, np.asarray(prompt.grids, np.int64)
-    return {"pixel_values": prompt.pixel_values,
-            "rotary": qp.vision_rotary(g, v["head_dim"], v["spatial_merge_size"]),
-            "cu_seqlens": qp.cu_seqlens(g)}
-
-
-def decoder_calibration(runner, images, steps: int = 4) -> list[dict]:
-    """Prefill feeds and a few cached step feeds per image, from the FP32 bundle."""
-    feeds = []
-    dec, emb = runner.sessions["decoder"], runner.sessions["embed"]
-    for img in images:
-        prompt = runner.encode_images(runner.build_prompt(img, QUESTION))
-        embeds, pos, nxt, _ = runner.prefill_inputs(prompt, runner.pruning)
-        f = {"inputs_embeds": embeds, "position_ids": pos,
-             "past": np.zeros(runner.kv_shape, np.float32)}
-        for i in range(steps):
-            feeds.append(f)
-            logits, present = dec.run(None, f)
-            tok = np.array([[int(logits[0].argmax())]], np.int64)
-            f = {"inputs_embeds": emb.run(None, {"input_ids": tok})[0],
-                 "position_ids": np.full((3, 1, 1), nxt + i, np.int64), "past": present}
-    return feeds
-
-
 def quantize_variants(bundle: Path, work: Path, calib_images) -> dict[str, Path]:
-    """{variant: bundle folder}; each a copy of ``bundle`` with one graph replaced."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    """{variant: bundle folder}, each quantized by :func:`quantize_qwen_bundle` with one graph
+    quantized and the other FP32."""
+    from pcbedge.build.qwen import quantize_qwen_bundle
 
-    from pcbedge.build.quantize import QuantizationConfig, quantize_graph
-
-    fp32 = _runner(bundle)
     out = {}
-
-    def variant(name: str, graph: str, make) -> None:
-        d = work / name
-        shutil.copytree(bundle, d)
+    for name, cfg in _variants().items():
         try:
-            make(bundle / f"{graph}.onnx", d / f"{graph}.onnx")
-            out[name] = d
+            out[name] = quantize_qwen_bundle(bundle, work / name, cfg, calibration=calib_images)
         except Exception as e:  # report the scheme that fails, keep measuring the others
             print(f"{name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-
-    static = QuantizationConfig(op_types=("MatMul", "Gemm"), activation_type="uint8",
-                                per_channel=True)
-    variant("vision_int8_static", "vision", lambda s, d: quantize_graph(
-        s, d, static, vision_calibration(fp32, calib_images)))
-    variant("decoder_int8_dynamic", "decoder", lambda s, d: quantize_dynamic(
-        str(s), str(d), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-        per_channel=True))
-    variant("decoder_int8_static", "decoder", lambda s, d: quantize_graph(
-        s, d, static, decoder_calibration(fp32, calib_images)))
-
-    def nbits(s, d):
-        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(
-            logging.WARNING)   # it logs every node it skips at INFO
-        q = MatMulNBitsQuantizer(str(s), bits=4, block_size=32, is_symmetric=True)
-        q.process()
-        q.model.save_model_to_file(str(d), use_external_data_format=False)
-    variant("decoder_int4_weight", "decoder", nbits)
     return out
 
 

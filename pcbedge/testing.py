@@ -130,7 +130,8 @@ QWEN_PREPROCESSOR = {
 
 def tiny_qwen2_vl_model(variant: str = "qwen2_vl", *, hidden: int = 64, layers: int = 2,
                         heads: int = 4, kv_heads: int = 2, vision_dim: int = 32,
-                        vision_depth: int = 2, seed: int = 0):
+                        vision_depth: int = 2, vision_heads: int = 2, intermediate: int = 0,
+                        seed: int = 0):
     """A random-weight Qwen2-VL (``variant`` "qwen2_vl") or Qwen2.5-VL ("qwen2_5_vl") with the
     tiny tokenizer's vocabulary and special-token ids; returns ``(model, tokenizer)``."""
     import torch
@@ -140,7 +141,8 @@ def tiny_qwen2_vl_model(variant: str = "qwen2_vl", *, hidden: int = 64, layers: 
     ids = {t: tok.token_to_id(t) for t in QWEN_SPECIAL_TOKENS}
     head_dim = hidden // heads
     half, s3 = head_dim // 2, 3 * head_dim // 16
-    text = dict(vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden,
+    text = dict(vocab_size=tok.get_vocab_size(), hidden_size=hidden,
+                intermediate_size=intermediate or 2 * hidden,
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                 max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=False,
                 rope_scaling={"type": "mrope", "mrope_section": [half - 2 * s3, s3, s3]},
@@ -148,13 +150,14 @@ def tiny_qwen2_vl_model(variant: str = "qwen2_vl", *, hidden: int = 64, layers: 
     if variant == "qwen2_vl":
         cls, cfg_cls = tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLConfig
         vision = dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden,
-                      num_heads=2, mlp_ratio=2.0, patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2)
+                      num_heads=vision_heads, mlp_ratio=2.0, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
     elif variant == "qwen2_5_vl":
         cls, cfg_cls = tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLConfig
         # window 56 px = 2x2 merged tokens: several windows even on small test images
-        vision = dict(depth=vision_depth, hidden_size=vision_dim, intermediate_size=2 * vision_dim,
-                      num_heads=2, out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
+        vision = dict(depth=vision_depth, hidden_size=vision_dim,
+                      intermediate_size=2 * vision_dim, num_heads=vision_heads,
+                      out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
                       temporal_patch_size=2, window_size=56,
                       fullatt_block_indexes=[vision_depth - 1])
     else:

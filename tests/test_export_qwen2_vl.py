@@ -201,3 +201,30 @@ def test_cli_ask_without_template(exported, tmp_path):
     assert res.exit_code == 0, res.output
     ans = json.loads(res.output[:res.output.rindex("}") + 1])
     assert len(ans["token_ids"]) <= 5 and "raw" in ans and (tmp_path / "o.png").is_file()
+
+
+def test_quantized_bundle(exported, tmp_path):
+    from pcbedge.build import read_export
+    from pcbedge.build.qwen import QwenQuantConfig, quantize_qwen_bundle
+    from pcbedge.errors import CalibrationError
+    from pcbedge.export.manifest import verify_files
+
+    bundle = exported[3]
+    with pytest.raises(BundleError, match="qwen_quant"):
+        read_export(bundle)                          # pcbedge build points to the right tool
+    with pytest.raises(TargetError, match="int3"):
+        QwenQuantConfig(decoder="int3")
+    with pytest.raises(CalibrationError, match="no calibration image"):
+        quantize_qwen_bundle(bundle, tmp_path / "q0", QwenQuantConfig())
+    images = [random_board(56, 84, seed=20 + i) for i in range(2)]
+    out = quantize_qwen_bundle(bundle, tmp_path / "q", QwenQuantConfig(), calibration=images)
+    m = read_manifest(out)
+    verify_files(out, m)
+    assert m["precision"] == {"vision": "int8", "decoder": "int4-weight"}
+    q = m["quantization"]["graphs"]
+    assert q["vision"]["quantized_ops"] > 0 and q["decoder"]["block_size"] == 32
+    import onnx
+    ops = {n.op_type for n in onnx.load(str(out / "decoder.onnx")).graph.node}
+    assert "MatMulNBits" in ops
+    ans = load_runner(out, threads=1).ask(images[0], None, Q, max_new_tokens=4)
+    assert 1 <= len(ans["token_ids"]) <= 4

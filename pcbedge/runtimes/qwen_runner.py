@@ -113,6 +113,15 @@ class QwenRunner(OnnxRunner):
     def encode_images(self, prompt: Prompt) -> Prompt:
         """Run the vision graph on all images of the prompt at once."""
         t0 = time.perf_counter()
+        feeds = self.vision_feeds(prompt)
+        emb = self.sessions["vision"].run(None, feeds)[0]
+        counts = [t * h * w // self.recipe.merge_size ** 2 for t, h, w in prompt.grids]
+        prompt.image_embeds = np.split(emb, np.cumsum(counts)[:-1])
+        prompt.vision_ms = _ms(t0)
+        return prompt
+
+    def vision_feeds(self, prompt: Prompt) -> dict:
+        """The vision graph's inputs: patches, rotary angles, segments (and windows)."""
         v = self.vision_cfg
         g = np.asarray(prompt.grids, np.int64)
         feeds = {"pixel_values": prompt.pixel_values,
@@ -124,11 +133,7 @@ class QwenRunner(OnnxRunner):
                                       v["spatial_merge_size"])
             feeds.update(window_index=idx, window_reverse=np.argsort(idx).astype(np.int64),
                          cu_window_seqlens=cu)
-        emb = self.sessions["vision"].run(None, {k: feeds[k] for k in self.vision_inputs})[0]
-        counts = [t * h * w // self.recipe.merge_size ** 2 for t, h, w in prompt.grids]
-        prompt.image_embeds = np.split(emb, np.cumsum(counts)[:-1])
-        prompt.vision_ms = _ms(t0)
-        return prompt
+        return {k: feeds[k] for k in self.vision_inputs}
 
     def positions(self, prompt: Prompt) -> np.ndarray:
         """Multimodal rotary positions [3, seq] of the full (unpruned) prompt."""
