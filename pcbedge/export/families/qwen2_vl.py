@@ -144,6 +144,67 @@ def _windowed(model) -> bool:
     return getattr(model.config.vision_config, "fullatt_block_indexes", None) is not None
 
 
+F32, I64 = "float32", "int64"
+
+
+def vision_export(model, gen) -> GraphExport:
+    """The vision graph, traced on two images (so the segment masks are exercised)."""
+    vc, tc, r = model.config.vision_config, model.config.text_config, model.pcbedge_recipe
+    grids = [(1, 8, 12), (1, 4, 4)]
+    n = sum(t * h * w for t, h, w in grids)
+    d_in = vc.in_channels * r.temporal_patch_size * r.patch_size ** 2
+    feeds = {k: torch.from_numpy(v) for k, v in vision_feeds(model, grids).items()}
+    units = Dim("n_units", min=1, max=1 << 16)    # merged tokens: patches come in fours
+    specs = [TensorSpec("pixel_values", F32, ("n_patches", d_in)),
+             TensorSpec("rotary", F32, ("n_patches", _vision_dim(vc) // vc.num_heads // 2)),
+             TensorSpec("cu_seqlens", I64, ("n_images_1",))]
+    dyn = {"pixel_values": {0: 4 * units}, "rotary": {0: 4 * units},
+           "cu_seqlens": {0: Dim("n_images_1", min=2, max=1024)}}
+    windowed = _windowed(model)
+    if windowed:
+        specs += [TensorSpec("window_index", I64, ("n_tokens",)),
+                  TensorSpec("window_reverse", I64, ("n_tokens",)),
+                  TensorSpec("cu_window_seqlens", I64, ("n_windows_1",))]
+        dyn.update(window_index={0: units}, window_reverse={0: units},
+                   cu_window_seqlens={0: Dim("n_windows_1", min=2, max=1 << 16)})
+    names = [t.name for t in specs]
+    args = (torch.randn(n, d_in, generator=gen), *[feeds[k] for k in names[1:]])
+    return GraphExport("vision", "vision.onnx", VisionGraph(model.model.visual, windowed).eval(),
+                       args, inputs=tuple(specs),
+                       outputs=(TensorSpec("image_embeds", F32, ("n_tokens", tc.hidden_size)),),
+                       dynamic_shapes={k: dyn[k] for k in names})
+
+
+def text_exports(model, gen) -> list[GraphExport]:
+    """The embedding and the cached decoder (one graph for prefill and steps)."""
+    tc = model.config.text_config
+    L, kvh, D = tc.num_hidden_layers, tc.num_key_value_heads, tc.hidden_size
+    hd = D // tc.num_attention_heads
+    B, T, P = 2, 5, 3                       # batch 2: torch.export specialises size-1 axes
+    batch = Dim("batch", min=1, max=64)
+    seq, past_seq = Dim("seq", min=1, max=1 << 15), Dim("past_seq", min=0, max=1 << 15)
+    embeds = torch.randn(B, T, D, generator=gen)
+    pos = torch.arange(P, P + T).view(1, 1, T).expand(3, B, T).contiguous()
+    past = torch.randn(L, 2, B, kvh, P, hd, generator=gen)
+    ids = torch.randint(0, tc.vocab_size, (B, T), generator=gen)
+    return [
+        GraphExport("embed", "embed.onnx", EmbedGraph(model).eval(), (ids,),
+                    inputs=(TensorSpec("input_ids", I64, ("batch", "seq")),),
+                    outputs=(TensorSpec("inputs_embeds", F32, ("batch", "seq", D)),),
+                    dynamic_shapes={"input_ids": {0: batch, 1: seq}}),
+        GraphExport("decoder", "decoder.onnx", DecoderGraph(model).eval(), (embeds, pos, past),
+                    inputs=(TensorSpec("inputs_embeds", F32, ("batch", "seq", D)),
+                            TensorSpec("position_ids", I64, (3, "batch", "seq")),
+                            TensorSpec("past", F32, (L, 2, "batch", kvh, "past_seq", hd))),
+                    outputs=(TensorSpec("logits", F32, ("batch", tc.vocab_size)),
+                             TensorSpec("present", F32,
+                                        (L, 2, "batch", kvh, "past_seq + seq", hd))),
+                    dynamic_shapes={"inputs_embeds": {0: batch, 1: seq},
+                                    "position_ids": {1: batch, 2: seq},
+                                    "past": {2: batch, 4: past_seq}}),
+    ]
+
+
 class QwenVlFamily(VlmFamily):
     model_files = ("config.json", "model.safetensors", "tokenizer.json",
                    "preprocessor_config.json")
@@ -167,62 +228,8 @@ class QwenVlFamily(VlmFamily):
         return min(DEFAULT_SIDE, int(np.sqrt(r.max_pixels)) // f * f)
 
     def graphs(self, model, input_size: int) -> list[GraphExport]:
-        vc, tc = model.config.vision_config, model.config.text_config
-        r = model.pcbedge_recipe
         gen = torch.Generator().manual_seed(0)
-        grids = [(1, 8, 12), (1, 4, 4)]     # two images: the segment masks are exercised
-        n = sum(t * h * w for t, h, w in grids)
-        d_in = vc.in_channels * r.temporal_patch_size * r.patch_size ** 2
-        feeds = {k: torch.from_numpy(v) for k, v in vision_feeds(model, grids).items()}
-        pixels = torch.randn(n, d_in, generator=gen)
-        units = Dim("n_units", min=1, max=1 << 16)
-        windowed = _windowed(model)
-        f32, i64 = "float32", "int64"
-        v_in = [TensorSpec("pixel_values", f32, ("n_patches", d_in)),
-                TensorSpec("rotary", f32, ("n_patches", _vision_dim(vc) // vc.num_heads // 2)),
-                TensorSpec("cu_seqlens", i64, ("n_images_1",))]
-        v_dyn = {"pixel_values": {0: 4 * units}, "rotary": {0: 4 * units},
-                 "cu_seqlens": {0: Dim("n_images_1", min=2, max=1024)}}
-        names = ["pixel_values", "rotary", "cu_seqlens"]
-        if windowed:
-            names += ["window_index", "window_reverse", "cu_window_seqlens"]
-            v_in += [TensorSpec("window_index", i64, ("n_tokens",)),
-                     TensorSpec("window_reverse", i64, ("n_tokens",)),
-                     TensorSpec("cu_window_seqlens", i64, ("n_windows_1",))]
-            v_dyn.update(window_index={0: units}, window_reverse={0: units},
-                         cu_window_seqlens={0: Dim("n_windows_1", min=2, max=1 << 16)})
-        v_args = (pixels, *[feeds[k] for k in names[1:]])
-        L, kvh = tc.num_hidden_layers, tc.num_key_value_heads
-        hd = tc.hidden_size // tc.num_attention_heads
-        B, T, P = 2, 5, 3                   # batch 2: torch.export specialises size-1 axes
-        batch = Dim("batch", min=1, max=64)
-        seq, past_seq = Dim("seq", min=1, max=1 << 15), Dim("past_seq", min=0, max=1 << 15)
-        embeds = torch.randn(B, T, tc.hidden_size, generator=gen)
-        pos = torch.arange(P, P + T).view(1, 1, T).expand(3, B, T).contiguous()
-        past = torch.randn(L, 2, B, kvh, P, hd, generator=gen)
-        ids = torch.randint(0, tc.vocab_size, (B, T), generator=gen)
-        return [
-            GraphExport("vision", "vision.onnx", VisionGraph(model.model.visual, windowed).eval(),
-                        v_args, inputs=tuple(v_in),
-                        outputs=(TensorSpec("image_embeds", f32, ("n_tokens", tc.hidden_size)),),
-                        dynamic_shapes=dict(zip(names, (v_dyn[k] for k in names)))),
-            GraphExport("embed", "embed.onnx", EmbedGraph(model).eval(), (ids,),
-                        inputs=(TensorSpec("input_ids", i64, ("batch", "seq")),),
-                        outputs=(TensorSpec("inputs_embeds", f32,
-                                            ("batch", "seq", tc.hidden_size)),),
-                        dynamic_shapes={"input_ids": {0: batch, 1: seq}}),
-            GraphExport("decoder", "decoder.onnx", DecoderGraph(model).eval(),
-                        (embeds, pos, past),
-                        inputs=(TensorSpec("inputs_embeds", f32, ("batch", "seq", tc.hidden_size)),
-                                TensorSpec("position_ids", i64, (3, "batch", "seq")),
-                                TensorSpec("past", f32, (L, 2, "batch", kvh, "past_seq", hd))),
-                        outputs=(TensorSpec("logits", f32, ("batch", tc.vocab_size)),
-                                 TensorSpec("present", f32,
-                                            (L, 2, "batch", kvh, "past_seq + seq", hd))),
-                        dynamic_shapes={"inputs_embeds": {0: batch, 1: seq},
-                                        "position_ids": {1: batch, 2: seq},
-                                        "past": {2: batch, 4: past_seq}}),
-        ]
+        return [vision_export(model, gen), *text_exports(model, gen)]
 
     @torch.no_grad()
     def reference(self, model, graph: str, feeds: dict) -> dict:
