@@ -228,3 +228,20 @@ def test_quantized_bundle(exported, tmp_path):
     assert "MatMulNBits" in ops
     ans = load_runner(out, threads=1).ask(images[0], None, Q, max_new_tokens=4)
     assert 1 <= len(ans["token_ids"]) <= 4
+
+
+def test_bad_inputs_are_typed_errors(runner, tmp_path):
+    from pcbedge.errors import PcbEdgeError, QuestionError
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(InputImageError, match="cannot read"):
+        runner.ask(bad, None, Q)
+    with pytest.raises(InputImageError, match="uint8 RGB"):
+        runner.ask(np.zeros((60, 90), np.uint8), None, Q)
+    with pytest.raises(QuestionError, match="empty"):
+        runner.ask(random_board(60, 90, seed=1), None, "  ")
+    with pytest.raises(PcbEdgeError, match="max_new_tokens"):
+        runner.ask(random_board(60, 90, seed=1), None, Q, max_new_tokens=0)
+    with pytest.raises(TargetError, match="keep_ratio"):
+        runner.ask(random_board(60, 90, seed=1), None, Q, pruning={"method": "feature_norm",
+                                                                   "keep_ratio": 1.5})

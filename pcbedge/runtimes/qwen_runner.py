@@ -111,20 +111,24 @@ class QwenRunner(OnnxRunner):
                       [a.shape[:2] for a in arrays], resized)
 
     def encode_images(self, prompt: Prompt) -> Prompt:
-        """Run the vision graph on all images of the prompt at once."""
+        """Run the vision graph image by image: the graph takes several images at once, but
+        its masked attention spans all patches of a call (memory grows with their square)."""
         t0 = time.perf_counter()
-        feeds = self.vision_feeds(prompt)
-        emb = self.sessions["vision"].run(None, feeds)[0]
-        counts = [t * h * w // self.recipe.merge_size ** 2 for t, h, w in prompt.grids]
-        prompt.image_embeds = np.split(emb, np.cumsum(counts)[:-1])
+        counts = [t * h * w for t, h, w in prompt.grids]
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        prompt.image_embeds = [
+            self.sessions["vision"].run(None, self.vision_feeds(
+                prompt, [grid], prompt.pixel_values[starts[i]:starts[i + 1]]))[0]
+            for i, grid in enumerate(prompt.grids)]
         prompt.vision_ms = _ms(t0)
         return prompt
 
-    def vision_feeds(self, prompt: Prompt) -> dict:
-        """The vision graph's inputs: patches, rotary angles, segments (and windows)."""
+    def vision_feeds(self, prompt: Prompt, grids=None, pixel_values=None) -> dict:
+        """The vision graph's inputs for ``grids`` (default: all images of the prompt):
+        patches, rotary angles, segments (and windows)."""
         v = self.vision_cfg
-        g = np.asarray(prompt.grids, np.int64)
-        feeds = {"pixel_values": prompt.pixel_values,
+        g = np.asarray(prompt.grids if grids is None else grids, np.int64).reshape(-1, 3)
+        feeds = {"pixel_values": prompt.pixel_values if pixel_values is None else pixel_values,
                  "rotary": qp.vision_rotary(g, v["head_dim"], v["spatial_merge_size"],
                                             v.get("rotary_theta", 10000.0)),
                  "cu_seqlens": qp.cu_seqlens(g)}

@@ -55,8 +55,11 @@ def _check_prompt(family, model, runner, prompt, case: str, errors: _Errors, rop
     grids = np.asarray(prompt.grids, np.int64)
     ref = family.reference(model, "vision", {"pixel_values": prompt.pixel_values,
                                              "grid_thw": grids})["image_embeds"]
-    runner.encode_images(prompt)
+    runner.encode_images(prompt)      # image by image, as the runner answers
     errors.add("vision", "image_embeds", np.concatenate(prompt.image_embeds), ref, case)
+    if len(prompt.grids) > 1:         # and all images in one call (block-diagonal mask)
+        both = runner.sessions["vision"].run(None, runner.vision_feeds(prompt))[0]
+        errors.add("vision", "image_embeds", both, ref, f"{case} (one call)")
     ids = np.asarray([prompt.input_ids], np.int64)
     ref_e = family.reference(model, "embed", {"input_ids": ids})["inputs_embeds"]
     got_e = runner.sessions["embed"].run(None, {"input_ids": ids})[0]
