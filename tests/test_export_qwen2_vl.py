@@ -240,6 +240,8 @@ def test_bad_inputs_are_typed_errors(runner, tmp_path):
         runner.ask(np.zeros((60, 90), np.uint8), None, Q)
     with pytest.raises(QuestionError, match="empty"):
         runner.ask(random_board(60, 90, seed=1), None, "  ")
+    with pytest.raises(QuestionError, match="special token"):
+        runner.ask(random_board(60, 90, seed=1), None, "where? <|image_pad|>")
     with pytest.raises(PcbEdgeError, match="max_new_tokens"):
         runner.ask(random_board(60, 90, seed=1), None, Q, max_new_tokens=0)
     with pytest.raises(TargetError, match="keep_ratio"):

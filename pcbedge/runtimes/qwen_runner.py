@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pcbedge.errors import BundleError, InputImageError, TargetError
+from pcbedge.errors import BundleError, InputImageError, QuestionError, TargetError
 from pcbedge.runtimes import qwen_preprocess as qp
 from pcbedge.runtimes import validate_max_new_tokens, validate_question
 from pcbedge.runtimes.onnx_runner import OnnxRunner, _check_arch
 from pcbedge.runtimes.pruning import TokenPruningConfig, as_pruning_config, token_budget
-from pcbedge.runtimes.qwen_answer import BoxFrame, parse_reply
+from pcbedge.runtimes.qwen_answer import SPECIAL_RE, BoxFrame, parse_reply
 
 PARSERS = {"qwen-vl-grounding-v1": parse_reply}
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -83,6 +83,11 @@ class QwenRunner(OnnxRunner):
         """Preprocess the image (and the template, as a second image) and tokenize the prompt.
         Images are paths or uint8 RGB arrays [H, W, 3]."""
         validate_question(question)
+        special = SPECIAL_RE.search(question)
+        if special:   # it would add image slots or end the turn inside the prompt
+            raise QuestionError(f"the question holds the special token {special.group(0)!r}",
+                                fix="ask in plain text; the runner adds the chat and image "
+                                    "tokens itself")
         images = [image] if template is None else [image, template]
         arrays = [qp.load_rgb(im) if isinstance(im, (str, Path)) else np.asarray(im)
                   for im in images]
