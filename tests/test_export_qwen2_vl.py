@@ -247,3 +247,18 @@ def test_bad_inputs_are_typed_errors(runner, tmp_path):
     with pytest.raises(TargetError, match="keep_ratio"):
         runner.ask(random_board(60, 90, seed=1), None, Q, pruning={"method": "feature_norm",
                                                                    "keep_ratio": 1.5})
+
+
+def test_unsupported_preprocessor_config_is_refused(tmp_path):
+    from pcbedge.errors import ModelError
+    from pcbedge.export.families.qwen2_vl import read_recipe
+    p = tmp_path / "preprocessor_config.json"
+    p.write_text(json.dumps({**QWEN_PREPROCESSOR, "resample": 2}))
+    with pytest.raises(ModelError, match="resample"):
+        read_recipe(p)
+    p.write_text("[1")
+    with pytest.raises(ModelError, match="cannot read"):
+        read_recipe(p)
+    p.write_text(json.dumps({"size": {"shortest_edge": 100, "longest_edge": 2000}}))
+    r = read_recipe(p)
+    assert (r.min_pixels, r.max_pixels, r.patch_size) == (100, 2000, 14)

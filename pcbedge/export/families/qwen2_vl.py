@@ -22,6 +22,7 @@ from torch import nn
 from torch.export import Dim
 
 from pcbedge.data.deeppcb import DEFECT_TYPES
+from pcbedge.errors import ModelError
 from pcbedge.export.families import GraphExport, TensorSpec, VlmFamily, register_family
 from pcbedge.runtimes import qwen_preprocess as qp
 
@@ -145,6 +146,27 @@ def _windowed(model) -> bool:
 
 
 F32, I64 = "float32", "int64"
+# preprocessor settings the numpy preprocessing reproduces (anything else is refused at export)
+SUPPORTED_PREPROCESS = {"do_resize": True, "do_rescale": True, "do_normalize": True,
+                        "do_convert_rgb": True, "resample": 3}
+
+
+def read_recipe(path: Path) -> qp.ImageRecipe:
+    """The checkpoint's preprocessor config; ModelError for settings the runner cannot
+    reproduce (another resampling filter, resizing or normalisation switched off)."""
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"cannot read {path}: {e}",
+                         fix="copy the preprocessor_config.json of the base model") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{path} holds no JSON object",
+                         fix="copy the preprocessor_config.json of the base model")
+    bad = {k: cfg[k] for k, v in SUPPORTED_PREPROCESS.items() if k in cfg and cfg[k] != v}
+    if bad:
+        raise ModelError(f"{path} sets {bad}, which pcbedge's numpy preprocessing does not "
+                         "reproduce", fix=f"use the Qwen defaults {SUPPORTED_PREPROCESS}")
+    return qp.ImageRecipe.from_config(cfg)
 
 
 def vision_export(model, gen) -> GraphExport:
@@ -218,8 +240,7 @@ class QwenVlFamily(VlmFamily):
         cls = getattr(transformers, self.model_class)
         model = cls.from_pretrained(model_dir, dtype=torch.float32,
                                     attn_implementation="eager").eval()
-        model.pcbedge_recipe = qp.ImageRecipe.from_config(
-            json.loads((model_dir / "preprocessor_config.json").read_text(encoding="utf-8")))
+        model.pcbedge_recipe = read_recipe(model_dir / "preprocessor_config.json")
         return model
 
     def default_input_size(self, model) -> int:
