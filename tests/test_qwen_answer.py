@@ -48,7 +48,8 @@ def test_unknown_types_are_dropped_with_a_note():
 
 
 @pytest.mark.parametrize("text", ["", "the board looks fine to me", "{not json",
-                                  "<|box_start|>(1,2)<|box_end|>", '{"defects": "many"}'])
+                                  "<|box_start|>(1,2)<|box_end|>", '{"defects": "many"}',
+                                  "[1, 2, 3, 4]"])
 def test_unparsed_reply_is_never_a_defect(text):
     a = parse_reply(text, NORM, DEFECT_TYPES)
     assert a["parse_error"] and a["count"] == 0 and a["defects"] == []

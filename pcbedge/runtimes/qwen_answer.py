@@ -105,6 +105,8 @@ def parse_reply(text: str, frame: BoxFrame, known: tuple[str, ...], *,
     fmt = "grounding"
     if not items:
         parsed = _json_items(text)
+        if parsed and not any(isinstance(d, dict) for d in parsed):
+            return _unparsed(text, complete)   # e.g. a bare list of numbers
         if parsed is not None:
             fmt, items = "json", []
             for d in parsed:
