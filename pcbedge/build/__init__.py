@@ -66,10 +66,15 @@ def build_bundle(target, export_dir: str | Path = "bundles/export",
 
 def read_export(export_dir: Path) -> dict:
     """The export's manifest, its files verified, refused unless every graph is FP32."""
-    from pcbedge.export.manifest import read_manifest, verify_files
+    from pcbedge.export.manifest import DEFAULT_RUNNER, read_manifest, verify_files
 
     manifest = read_manifest(export_dir)
     verify_files(export_dir, manifest)
+    if manifest.get("runner", DEFAULT_RUNNER) != DEFAULT_RUNNER:
+        raise BundleError(f"{export_dir} is a {manifest['family']} export (runner "
+                          f"{manifest['runner']!r}); pcbedge build handles the default "
+                          "runner's graphs only",
+                          fix="quantize it with benchmarks/qwen_quant.py (docs/qwen2-vl.md)")
     precision = manifest.get("precision") or {}
     not_fp32 = {k: v for k, v in precision.items() if v != "fp32"}
     if not_fp32 or manifest.get("quantization") or manifest.get("target"):

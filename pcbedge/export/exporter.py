@@ -46,8 +46,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, opset: int = DEF
         raise OutputError(f"output folder {out_dir} overlaps the model folder {model_dir}",
                           fix="write the bundle to a folder outside the model folder")
     check_destination(out_dir.absolute(), overwrite)
-    steps = ["load model", *[f"export {g}" for g in ("vision", "decoder_prefill",
-                                                      "decoder_step")],
+    steps = ["load model", *[f"export {g}" for g in family.graph_roles],
              "parity" if check else "skip parity", "manifest"]
     with _progress_bar(steps, progress) as bar, staged_dir(out_dir, overwrite=overwrite) as stage:
         bar.set_description(steps[0])
@@ -65,9 +64,8 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, opset: int = DEF
         bar.set_description(steps[-2])
         manifest["parity"] = None
         if check:
-            from pcbedge.export.parity import check_parity
-            manifest["parity"] = check_parity(family, model, stage, manifest, sizes=parity_sizes,
-                                              boards=check_boards, atol=atol, rtol=rtol)
+            manifest["parity"] = family.check_parity(model, stage, manifest, sizes=parity_sizes,
+                                                     boards=check_boards, atol=atol, rtol=rtol)
         bar.update()
         bar.set_description("manifest")
         manifest["files"] = list_files(stage)

@@ -20,6 +20,9 @@ SCHEMA_VERSION = 1
 KIND = "pcbedge-bundle"
 MANIFEST = "manifest.json"
 GRAPH_ROLES = ("vision", "decoder_prefill", "decoder_step")
+# the graphs each runner needs, keyed by the manifest's ``runner`` (absent: the default runner)
+DEFAULT_RUNNER = "onnx"
+RUNNER_GRAPHS = {DEFAULT_RUNNER: GRAPH_ROLES, "qwen2-vl": ("vision", "embed", "decoder")}
 REQUIRED_FIELDS = (
     "schema_version", "kind", "family", "graphs", "kv_cache", "visual_tokens", "token_scores",
     "num_regions", "input_size", "preprocess", "tokenizer", "max_question_tokens",
@@ -93,10 +96,15 @@ def read_manifest(bundle_dir: str | Path) -> dict:
     if missing:
         raise BundleError(f"{path} lacks the fields {missing}",
                           fix="the bundle is incomplete or corrupt; export it again")
-    missing_graphs = [g for g in GRAPH_ROLES if g not in m["graphs"]]
+    runner = m.get("runner", DEFAULT_RUNNER)
+    if runner not in RUNNER_GRAPHS:
+        raise BundleError(f"{path} asks for the runner {runner!r}, unknown to this pcbedge "
+                          f"(known: {sorted(RUNNER_GRAPHS)})", fix="upgrade pcbedge")
+    roles = RUNNER_GRAPHS[runner]
+    missing_graphs = [g for g in roles if g not in m["graphs"]]
     if missing_graphs:
         raise BundleError(f"{path} names no graph for {missing_graphs}",
-                          fix=f"a bundle holds the graphs {list(GRAPH_ROLES)}; export it again")
+                          fix=f"a bundle holds the graphs {list(roles)}; export it again")
     return m
 
 

@@ -44,14 +44,26 @@ def _require(module: str, fix: str) -> None:
         raise DependencyError(f"{module} is not installed", fix=fix)
 
 
+# bundle runners by the manifest's ``runner`` field (absent: "onnx"): module, class
+BUNDLE_RUNNERS = {"onnx": ("pcbedge.runtimes.onnx_runner", "OnnxRunner"),
+                  "qwen2-vl": ("pcbedge.runtimes.qwen_runner", "QwenRunner")}
+
+
 def load_runner(path: str | Path, **kwargs):
-    """OnnxRunner for a bundle (has manifest.json), TorchRunner for a model folder (has
-    config.json); keyword arguments go to the runner."""
+    """A bundle runner for a bundle (has manifest.json; picked by its ``runner`` field),
+    TorchRunner for a model folder (has config.json); keyword arguments go to the runner."""
     path = Path(path)
     if (path / "manifest.json").is_file():
+        import importlib
+
+        from pcbedge.export.manifest import DEFAULT_RUNNER, read_manifest
         _require("onnxruntime", "a bundle needs ONNX Runtime: pip install onnxruntime")
-        from pcbedge.runtimes.onnx_runner import OnnxRunner
-        return OnnxRunner(path, **kwargs)
+        runner = read_manifest(path).get("runner", DEFAULT_RUNNER)
+        if runner not in BUNDLE_RUNNERS:
+            raise BundleError(f"bundle {path} asks for the runner {runner!r}, unknown to this "
+                              f"pcbedge (known: {sorted(BUNDLE_RUNNERS)})", fix="upgrade pcbedge")
+        module, cls = BUNDLE_RUNNERS[runner]
+        return getattr(importlib.import_module(module), cls)(path, **kwargs)
     if (path / "config.json").is_file():
         _require("torch", "a model folder runs on PyTorch: pip install 'pcbedge[export]', or "
                           "export it to a bundle")

@@ -86,6 +86,13 @@ class OnnxRunner(AskMixin):
         self.max_text_len = int(manifest["max_text_len"])
         self.max_question_tokens = int(manifest["max_question_tokens"])
         self.token_scores = dict(manifest["token_scores"])
+        self._init_sessions(bundle_dir, manifest, threads, providers, pruning)
+
+    def _init_sessions(self, bundle_dir: Path, manifest: dict, threads, providers,
+                       pruning) -> None:
+        """What every ONNX Runtime runner shares: pruning, tokenizer, engine, providers,
+        threads and one session per graph of the manifest."""
+        self.bundle_dir, self.manifest = bundle_dir, manifest
         self.pruning = as_pruning_config(manifest["pruning"] if pruning is None else pruning)
         self.tokenizer = Tokenizer.from_file(str(safe_path(bundle_dir, manifest["tokenizer"])))
         runtime = manifest.get("runtime") or {}

@@ -15,7 +15,9 @@ import numpy as np
 
 from pcbedge.errors import TargetError
 
-METHODS = ("none", "model_prior", "template_diff")
+# feature_norm: the norm of each visual token after the merger (Qwen-VL bundles, where no
+# model prior is exported); computed by the runner, not by a graph
+METHODS = ("none", "model_prior", "template_diff", "feature_norm")
 # which vision output scores the tokens for each method (also written into every manifest)
 SCORE_OUTPUTS = {"model_prior": "token_prior", "template_diff": "token_diff"}
 

@@ -20,7 +20,7 @@ from pcbedge.errors import ModelError
 
 _REGISTRY: dict[str, type["VlmFamily"]] = {}
 # modules that register the shipped families when imported
-_BUILTIN = ("pcbedge.export.families.pcbvlm",)
+_BUILTIN = ("pcbedge.export.families.pcbvlm", "pcbedge.export.families.qwen2_vl")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -68,6 +68,8 @@ class VlmFamily:
     # {graph: (score output, outputs ranked by it)}: outputs whose axis 1 is sorted by a score
     # (TopK); near-equal scores may come out in another order, which parity tolerates
     ranked_outputs: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {}
+    # the graphs the family exports (the manifest's runner says which ones a runtime needs)
+    graph_roles: ClassVar[tuple[str, ...]] = ("vision", "decoder_prefill", "decoder_step")
 
     def check_model_dir(self, model_dir: Path) -> None:
         """ModelError for a missing folder, missing files or a pickle checkpoint."""
@@ -95,6 +97,12 @@ class VlmFamily:
     def manifest_extras(self, model, input_size: int) -> dict:
         """Family fields of the manifest: kv_cache, visual_tokens, num_regions, answer, ..."""
         raise NotImplementedError
+
+    def check_parity(self, model, bundle_dir: Path, manifest: dict, **kwargs) -> dict:
+        """The manifest's ``parity`` block for the staged bundle, or ExportError. The default
+        checks the graphs of the bundle contract (pcbedge.export.parity)."""
+        from pcbedge.export.parity import check_parity
+        return check_parity(self, model, bundle_dir, manifest, **kwargs)
 
 
 def register_family(name: str) -> Callable[[type[VlmFamily]], type[VlmFamily]]:
