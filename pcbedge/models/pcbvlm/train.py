@@ -53,6 +53,7 @@ class FinetuneConfig:
     threads: int = 2
     init_from: str | None = None  # a saved model folder to start from (e.g. checkpoint_stage_a)
     set_pointer_loss: bool = True  # REGION target = every unreported true region (else: next one)
+    quality_calibration: bool = True  # stage C2: confidence falls with the capture's residual
 
 
 class Board8:
@@ -213,8 +214,9 @@ def finetune(data_dir, out_dir, fc: FinetuneConfig = FinetuneConfig(), list_file
         logps, correct = calibration_pairs(model, val, fc.seed)
         model.calibration = fit_platt(logps, correct)
         logf.write(json.dumps({"stage": "C", **model.calibration}) + "\n")
-        block = calibrate_quality(model, val, fc.seed)
-        logf.write(json.dumps({"stage": "C2", **block}) + "\n")
+        if fc.quality_calibration:
+            block = calibrate_quality(model, val, fc.seed)
+            logf.write(json.dumps({"stage": "C2", **block}) + "\n")
     info = {"finetune_config": asdict(fc), "train_boards": len(train), "val_boards": len(val),
             "minutes": round((time.time() - t_start) / 60, 1), "torch_threads": fc.threads,
             "split": "per group, last 20% of sorted ids are validation"}

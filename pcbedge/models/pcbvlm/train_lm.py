@@ -66,13 +66,20 @@ def cache_vision(model, boards, n_dihedral: int, thr: float) -> list[dict]:
     return items
 
 
-def answer_ids(spec: dict, qa: QA, match: np.ndarray) -> list[int]:
-    """The target answer sequence for a question, given the proposals' matched types."""
+def answer_ids(spec: dict, qa: QA, match: np.ndarray, rng: random.Random | None = None
+               ) -> list[int]:
+    """The target answer sequence for a question, given the proposals' matched types. With
+    ``rng`` the defects come in a random order (the set-based pointer loss needs it: in
+    proposal order the decoder learns "nothing is left above the last index I reported",
+    which its own free-order decoding then breaks); without, in proposal order."""
     if qa.kind == "unsupported":
         return [spec["intents"]["unsupported"], spec["eos"]]
     filt = qa.filter or "all"
     ids = [spec["intents"][qa.kind], spec["filters"][filt]]
-    for k in np.nonzero(match >= 0)[0]:
+    order = [int(k) for k in np.nonzero(match >= 0)[0]]
+    if rng is not None:
+        rng.shuffle(order)
+    for k in order:
         t = DEFECT_TYPES[int(match[k])]
         if filt == "all" or t == filt:
             ids += [spec["region_offset"] + int(k), spec["types"][t]]
@@ -93,7 +100,7 @@ def make_batch(model, items, rng: random.Random, gen: QuestionGenerator, fc, max
         qa = gen.sample(present)
         q = encode_question(tok, qa.question, max_q)
         q = [q[0]] + [unk if rng.random() < fc.word_dropout else t for t in q[1:-1]] + [q[-1]]
-        a = answer_ids(spec, qa, it["match"])
+        a = answer_ids(spec, qa, it["match"], rng if fc.set_pointer_loss else None)
         s = q + a
         seqs.append(s[:-1])
         labels.append([IGNORE] * (len(q) - 1) + a)
