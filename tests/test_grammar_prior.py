@@ -77,3 +77,24 @@ def test_degenerate_scores_and_logits_still_decode():
             break
         st.step(z if st.phase == "region" else np.zeros_like(z))
     assert all(math.isfinite(lp) for _, _, lp in st.defects)
+
+
+def test_logit_of_logp_keeps_large_margins():
+    from pcbedge.models.pcbvlm.grammar import LOGIT_CAP, _log_sigmoid, logit_of_logp
+    for m in (-20.0, -3.0, 0.0, 2.5, 13.0, 30.0):
+        assert logit_of_logp(_log_sigmoid(m)) == pytest.approx(m, abs=1e-6)
+    assert logit_of_logp(0.0) == LOGIT_CAP and logit_of_logp(float("-inf")) == -LOGIT_CAP
+    assert logit_of_logp(float("nan")) == -LOGIT_CAP
+
+
+def test_platt_fit_stays_finite_on_nearly_separable_margins():
+    pytest.importorskip("torch")
+    from pcbedge.models.pcbvlm.grammar import _log_sigmoid
+    from pcbedge.models.pcbvlm.train_lm import fit_platt
+    rng = np.random.default_rng(0)
+    m = np.concatenate([rng.normal(60, 15, 900), rng.normal(5, 5, 100)])
+    y = np.concatenate([rng.random(900) < 0.99, rng.random(100) < 0.3])
+    fit = fit_platt([_log_sigmoid(float(v)) for v in m], list(y))
+    assert 0 < fit["a"] < 1 and math.isfinite(fit["b"])
+    conf = 1 / (1 + np.exp(-(fit["a"] * m + fit["b"])))
+    assert abs(conf.mean() - y.mean()) < 0.02           # calibrated in the large

@@ -187,11 +187,25 @@ def quality_penalty(quality: dict | None, calibration: dict) -> float:
     return float(q["c"]) * math.log(r / q["residual_ref"])
 
 
+LOGIT_CAP = 50.0
+
+
+def logit_of_logp(logp: float) -> float:
+    """logit(p) from log p without rounding p to 1 first (a margin of 30 stays 30), capped at
+    +-LOGIT_CAP."""
+    if not math.isfinite(logp):
+        return -LOGIT_CAP if logp < 0 or math.isnan(logp) else LOGIT_CAP
+    if logp >= 0.0:
+        return LOGIT_CAP
+    q = -math.expm1(logp)                       # 1 - p, exact for p near 1
+    z = logp - math.log(q) if q > 0 else LOGIT_CAP
+    return max(-LOGIT_CAP, min(LOGIT_CAP, z))
+
+
 def calibrate(logp: float, calibration: dict, penalty: float = 0.0) -> float:
     """Raw joint log-probability of (type, region) -> calibrated confidence (Platt on logit,
     minus the image-quality penalty)."""
-    p = min(max(math.exp(logp), 1e-6), 1 - 1e-6)
-    z = math.log(p / (1 - p))
+    z = logit_of_logp(logp)
     a, b = calibration.get("a", 1.0), calibration.get("b", 0.0)
     return 1.0 / (1.0 + math.exp(-(a * z + b - penalty)))
 

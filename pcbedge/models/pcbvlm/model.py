@@ -62,6 +62,20 @@ class PcbVlm(nn.Module):
     def answer_encoded(self, enc: dict, question: str, meta=None, max_new_tokens: int = 64,
                        keep: np.ndarray | None = None) -> dict:
         """As :meth:`answer`, on the outputs of :meth:`encode_image` (one image, many questions)."""
+        state, out = self.decode(enc, question, max_new_tokens, keep)
+        to_orig = meta.to_original if meta is not None else (lambda b: list(b))
+        quality = meta.as_dict().get("quality") if meta is not None else None
+        ans = build_answer(state, enc["region_boxes"][0].numpy(), to_orig, question,
+                           quality=quality)
+        ans["token_ids"] = out
+        ans["raw"] = self.tokenizer.decode(out, skip_special_tokens=False)
+        return ans
+
+    @torch.no_grad()
+    def decode(self, enc: dict, question: str, max_new_tokens: int = 64,
+               keep: np.ndarray | None = None) -> tuple[DecodeState, list[int]]:
+        """Greedy grammar-constrained decoding: the final state (defects with their raw,
+        unrounded log-probabilities; what calibration fits on) and the generated ids."""
         vis = enc["visual_tokens"] if keep is None else enc["visual_tokens"][:, torch.as_tensor(keep)]
         reg = enc["region_tokens"]
         ids = encode_question(self.tokenizer, question, self.cfg.text.max_text_len // 2)
@@ -75,13 +89,7 @@ class PcbVlm(nn.Module):
                 break
             logits, past = self.decoder.step(torch.tensor([[tok]]), torch.tensor([[pos]]), reg, past)
             pos += 1
-        to_orig = meta.to_original if meta is not None else (lambda b: list(b))
-        quality = meta.as_dict().get("quality") if meta is not None else None
-        ans = build_answer(state, enc["region_boxes"][0].numpy(), to_orig, question,
-                           quality=quality)
-        ans["token_ids"] = out
-        ans["raw"] = self.tokenizer.decode(out, skip_special_tokens=False)
-        return ans
+        return state, out
 
     def save_pretrained(self, out: str | Path, extra_generation: dict | None = None) -> None:
         out = Path(out)

@@ -21,7 +21,7 @@ from pcbedge.data.deeppcb import DEFECT_TYPES
 from pcbedge.data.degrade import CALIBRATION_DEGRADATIONS
 from pcbedge.data.preprocess import prepare_pair
 from pcbedge.data.qa import QuestionGenerator
-from pcbedge.models.pcbvlm.grammar import quality_penalty
+from pcbedge.models.pcbvlm.grammar import logit_of_logp, quality_penalty
 
 
 def _correct(d: dict, boxes: np.ndarray, types, used: set) -> bool:
@@ -42,6 +42,7 @@ def quality_records(model, boards, seed: int, degradations=CALIBRATION_DEGRADATI
     """(calibrated logit without penalty, residual, correct) of every reported defect of the
     describe-all and typed questions, on each board clean and under each degradation.
     ``boards`` hold ``img`` (uint8 [2, S, S]: test, template), ``boxes`` and ``types``."""
+    a, b = model.calibration.get("a", 1.0), model.calibration.get("b", 0.0)
     conds = ([("clean", None)] if clean else []) + list(degradations.items())
     out = []
     for name, fn in conds:
@@ -53,12 +54,13 @@ def quality_records(model, boards, seed: int, degradations=CALIBRATION_DEGRADATI
             x, meta = prepare_pair(test, temp, model.cfg.input_size)
             enc = model.encode_image(torch.from_numpy(x).unsqueeze(0))
             present = {DEFECT_TYPES[t] for t in bd.types}
+            boxes = enc["region_boxes"][0].numpy()
             for qa in gen.for_board_eval(present)[:4]:
-                ans = model.answer_encoded(enc, qa.question)   # no meta: no penalty yet
+                state, _ = model.decode(enc, qa.question)
                 used: set = set()
-                for d in ans["defects"]:
-                    p = min(max(d["confidence"], 1e-6), 1 - 1e-6)
-                    z = math.log(p / (1 - p))   # already a * logit + b
+                for t, k, logp in state.defects:
+                    z = a * logit_of_logp(logp) + b      # calibrated logit, no penalty yet
+                    d = {"type": t, "bbox": boxes[k].tolist()}
                     out.append((z, meta.quality.residual, _correct(d, bd.boxes, bd.types, used)))
     return out
 

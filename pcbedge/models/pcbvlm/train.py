@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from pcbedge.data.deeppcb import DEFECT_TYPES, Board, read_list, split_trainval
@@ -28,7 +27,7 @@ from pcbedge.data.qa import QuestionGenerator, vocabulary_corpus
 from pcbedge.models.pcbvlm.augment import crop, dihedral
 from pcbedge.models.pcbvlm.config import PcbVlmConfig, TextConfig
 from pcbedge.models.pcbvlm.model import PcbVlm
-from pcbedge.models.pcbvlm.tokenizer import build_tokenizer, encode_question
+from pcbedge.models.pcbvlm.tokenizer import build_tokenizer
 from pcbedge.models.pcbvlm.vision import detection_loss, heatmap_targets
 
 log = logging.getLogger(__name__)
@@ -128,28 +127,21 @@ def train_vision(model: PcbVlm, boards: list[Board8], fc: FinetuneConfig, logf) 
 
 @torch.no_grad()
 def calibration_pairs(model: PcbVlm, boards: list[Board8], seed: int) -> tuple[list, list]:
-    """Answer describe-all and typed questions on validation boards; (raw logp, correct) pairs."""
-    from pcbedge.models.pcbvlm.train_lm import iou_matrix
+    """Answer describe-all and typed questions on validation boards; (raw logp, correct) pairs,
+    the raw log-probability read from the decoding state (unrounded)."""
+    from pcbedge.models.pcbvlm.quality import _correct
     gen = QuestionGenerator(seed=seed + 7, split="train")
-    model.calibration = {"a": 1.0, "b": 0.0}
     logps, correct = [], []
     for bd in tqdm(boards, desc="stage C: calibration answers", unit="board"):
         enc = model.encode_image(torch.from_numpy(_to_input(bd.img)).unsqueeze(0))
+        boxes = enc["region_boxes"][0].numpy()
         present = {DEFECT_TYPES[t] for t in bd.types}
         for qa in gen.for_board_eval(present):
-            ans = model.answer_encoded(enc, qa.question)
-            used = set()
-            for d in ans["defects"]:
-                ok = False
-                if len(bd.boxes):
-                    m = iou_matrix(np.array([d["bbox"]], np.float32), bd.boxes)[0]
-                    for g in np.argsort(-m):
-                        if m[g] > 0.33 and g not in used and DEFECT_TYPES[bd.types[g]] == d["type"]:
-                            used.add(int(g))
-                            ok = True
-                            break
-                p = min(max(d["confidence"], 1e-6), 1 - 1e-6)  # identity calibration
-                logps.append(math.log(p)), correct.append(ok)
+            state, _ = model.decode(enc, qa.question)
+            used: set = set()
+            for t, k, logp in state.defects:
+                d = {"type": t, "bbox": boxes[k].tolist()}
+                logps.append(logp), correct.append(_correct(d, bd.boxes, bd.types, used))
     return logps, correct
 
 

@@ -199,20 +199,31 @@ def _is_part(lab, parts, name, spec):
 
 
 def fit_platt(logps: list[float], correct: list[bool], iters: int = 200) -> dict:
-    """Fit conf = sigmoid(a * logit(p) + b) by Newton's method on the log-likelihood."""
+    """Fit conf = sigmoid(a * logit(p) + b) by damped Newton steps on the L2-penalised
+    log-likelihood (a backtracking line search keeps it from running off on nearly
+    separable data)."""
+    from pcbedge.models.pcbvlm.grammar import logit_of_logp
     if len(logps) < 10 or all(correct) or not any(correct):
         return {"a": 1.0, "b": 0.0, "n": len(logps), "method": "identity (too few / one class)"}
-    p = np.clip(np.exp(np.array(logps)), 1e-6, 1 - 1e-6)
-    z = np.log(p / (1 - p))
+    z = np.array([logit_of_logp(lp) for lp in logps], np.float64)
     y = np.array(correct, np.float64)
     X = np.stack([z, np.ones_like(z)], 1)
+    lam = 1e-3
+
+    def nll(w):
+        t = X @ w
+        return float(np.sum(np.logaddexp(0.0, t) - y * t) + 0.5 * lam * w @ w)
+
     w = np.array([1.0, 0.0])
     for _ in range(iters):
         q = 1 / (1 + np.exp(-(X @ w)))
-        g = X.T @ (q - y) + 1e-3 * w
-        H = X.T @ (X * (q * (1 - q))[:, None]) + 1e-3 * np.eye(2)
+        g = X.T @ (q - y) + lam * w
+        H = X.T @ (X * (q * (1 - q))[:, None]) + lam * np.eye(2)
         step = np.linalg.solve(H, g)
-        w -= step
-        if np.abs(step).max() < 1e-8:
+        t, f0 = 1.0, nll(w)
+        while t > 1e-6 and nll(w - t * step) > f0:
+            t *= 0.5
+        w -= t * step
+        if np.abs(t * step).max() < 1e-9:
             break
     return {"a": float(w[0]), "b": float(w[1]), "n": len(logps), "method": "platt on logit(p)"}
