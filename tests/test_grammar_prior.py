@@ -98,3 +98,12 @@ def test_platt_fit_stays_finite_on_nearly_separable_margins():
     assert 0 < fit["a"] < 1 and math.isfinite(fit["b"])
     conf = 1 / (1 + np.exp(-(fit["a"] * m + fit["b"])))
     assert abs(conf.mean() - y.mean()) < 0.02           # calibrated in the large
+
+
+def test_prior_is_not_applied_under_a_type_filter():
+    spec = _spec(region_prior_weight=8.0)
+    st = DecodeState(spec, np.asarray([0.95, 0.95, 0.95, 0.95], np.float32))
+    st.advance(spec["intents"]["where"])
+    st.advance(spec["filters"]["short"])
+    # the decoder says "no short here": strong evidence of *some* defect must not overrule it
+    assert st.step(_logits(spec, 2.0, [0.0, 0.0, 0.0, 0.0])) == spec["eos"]

@@ -16,9 +16,11 @@ Region tokens carry no index, so training targets the whole set of true regions 
 reported (set-based pointer loss); decoding lets the decoder pick any unreported one (most
 probable first). Two spec fields shape that step:
 
-* ``region_prior_weight`` w: each pointer logit gets ``w * logit(score_k)`` of the defect
-  head added before the choice (a product of experts: the language side and the evidence head
-  vote together on "which region next, or stop"); ``<eos>`` gets nothing. 0 = decoder only.
+* ``region_prior_weight`` w: under the ``all`` filter each pointer logit gets
+  ``w * logit(score_k)`` of the defect head added before the choice (a product of experts:
+  the language side and the evidence head vote together on "which region next, or stop");
+  ``<eos>`` gets nothing. Under a type filter the decoder decides alone (the head's score is
+  class-agnostic). 0 = decoder only.
 * ``region_confidence``: ``"softmax"`` reads a region's raw confidence as its share of the
   step's probability; ``"margin"`` as ``sigmoid(logit_k - logit_eos)``, "report it rather than
   stop", which does not shrink when many true regions remain. Platt scaling then calibrates it.
@@ -121,10 +123,13 @@ class DecodeState:
 
     def _region_prior(self, ids: np.ndarray) -> np.ndarray:
         """Weight x logit(evidence score) for each allowed pointer, 0 for <eos>: the decoder's
-        pointer and the defect head vote together on "which region next, or stop"."""
+        pointer and the defect head vote together on "which region next, or stop". Only when
+        every type is asked for: the head's score is class-agnostic (the peak of its class-max
+        heatmap), so under a type filter it would push the decoder to report a defect of
+        another type as the asked one; there the decoder decides alone."""
         w = float(self.spec.get("region_prior_weight", 0.0) or 0.0)
         out = np.zeros(len(ids))
-        if w:
+        if w and self.filter == "all":
             k = ids[1:] - self.spec["region_offset"]
             s = np.clip(np.nan_to_num(self.region_scores[k].astype(np.float64), nan=0.5),
                         1e-6, 1 - 1e-6)
