@@ -332,3 +332,14 @@ def test_gate_limits_precedence_and_evaluation():
     assert g["max_map_drop"]["passed"] is True and g["max_count_drop"]["passed"] is False
     assert g["max_hallucination_rise"]["value"] == 0.0 and g["max_hallucination_rise"]["passed"]
     assert gates_mod.failed_gates(g) == ["p95_ms_max", "max_count_drop"]
+
+
+def test_hallucination_gate_counts_hallucinations_not_the_rate():
+    limits = gates_mod.resolve_limits(None, None)
+    ref = {"deeppcb_map": 0.95, "count_exact_match": 0.9, "hallucination_rate": 4 / 1296,
+           "hallucinations_per_board": 4 / 200}
+    same = {**ref, "hallucination_rate": 4 / 1295}    # one true defect fewer, same 4 false ones
+    more = {**ref, "hallucination_rate": 5 / 1296, "hallucinations_per_board": 5 / 200}
+    for acc, ok in ((same, True), (more, False)):
+        report = {"accuracy": acc, "drift": {"available": True, "reference_accuracy": ref}}
+        assert gates_mod.evaluate_gates(limits, report)["max_hallucination_rise"]["passed"] is ok

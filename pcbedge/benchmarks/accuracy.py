@@ -17,7 +17,8 @@ from pcbedge.data.degrade import DEGRADATIONS
 
 # Figures whose bench-minus-reference delta is reported (scalars; per-type dicts per type).
 DELTA_KEYS = ("deeppcb_map", "deeppcb_f", "deeppcb_precision", "deeppcb_recall", "map_05",
-              "count_exact_match", "hallucination_rate", "median_center_error_px", "ece",
+              "count_exact_match", "hallucination_rate", "hallucinations_per_board",
+              "median_center_error_px", "ece",
               "mean_confidence", "where_accuracy", "count_accuracy", "exists_accuracy",
               "exists_f1", "intent_accuracy")
 BOX_TOL_PX = 1.0
@@ -93,6 +94,7 @@ def score_detections(gts: list[list[dict]], preds: list[list[dict]]) -> dict:
         "per_type_ap_05": metrics.per_type_ap(gts, preds, 0.5),
         "count_exact_match": metrics.count_exact_match(gts, preds),
         "hallucination_rate": hall["rate"], "n_hallucinated": hall["n_hallucinated"],
+        "hallucinations_per_board": hall["n_hallucinated"] / len(gts) if gts else None,
         "n_predicted": hall["n_pred"], "n_ground_truth": ap33["n_gt"],
         "median_center_error_px": metrics.median_center_error(gts, preds, metrics.DEEPPCB_IOU),
         "ece": ece["ece"], "ece_bins": ece["bins"],

@@ -28,7 +28,9 @@ GATE_SPECS: dict[str, GateSpec] = {g.name: g for g in (
     GateSpec("max_count_drop", "<=", True,
              "reference count_exact_match - bundle count_exact_match (board level)"),
     GateSpec("max_hallucination_rise", "<=", True,
-             "bundle hallucination_rate - reference hallucination_rate"),
+             "bundle - reference hallucinated defects per board (a rate that rises only "
+             "because fewer true defects were reported is a recall loss, gated by "
+             "max_map_drop)"),
     GateSpec("min_map", ">=", False, "bundle deeppcb_map (absolute floor)"),
 )}
 GATE_NAMES = tuple(GATE_SPECS)
@@ -86,8 +88,10 @@ def _values(report: dict) -> dict:
         "min_map": acc.get("deeppcb_map"),
         "max_map_drop": diff(ref.get("deeppcb_map"), acc.get("deeppcb_map")),
         "max_count_drop": diff(ref.get("count_exact_match"), acc.get("count_exact_match")),
-        "max_hallucination_rise": diff(acc.get("hallucination_rate"),
-                                       ref.get("hallucination_rate")),
+        "max_hallucination_rise": diff(acc.get("hallucinations_per_board"),
+                                       ref.get("hallucinations_per_board"))
+        if "hallucinations_per_board" in ref else diff(acc.get("hallucination_rate"),
+                                                       ref.get("hallucination_rate")),
     }
 
 
