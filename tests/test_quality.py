@@ -9,7 +9,7 @@ import pytest
 from pcbedge.models.pcbvlm.grammar import calibrate, quality_penalty
 
 pytest.importorskip("torch")
-from pcbedge.models.pcbvlm.quality import apply_quality, fit_quality  # noqa: E402
+from pcbedge.models.pcbvlm.quality import fit_quality  # noqa: E402
 
 BLOCK = {"residual_ref": 0.04, "c": 1.5}
 
@@ -56,11 +56,12 @@ def test_fit_recovers_the_slope_and_never_goes_negative():
     assert fit_quality(_records(rng, 4000, -1.0), clean)["c"] == 0.0
 
 
-def test_apply_quality_matches_calibrate():
-    z = 1.7
-    got = apply_quality(z, 0.2, BLOCK)
-    want = 1 / (1 + math.exp(-(z - 1.5 * math.log(0.2 / 0.04))))
-    assert got == pytest.approx(want)
+def test_calibrate_applies_the_penalty_to_the_calibrated_logit():
+    cal = {"a": 0.5, "b": 0.3, "quality": BLOCK}
+    logp = math.log(0.9)
+    pen = quality_penalty({"residual": 0.2}, cal)
+    want = 1 / (1 + math.exp(-(0.5 * math.log(0.9 / 0.1) + 0.3 - 1.5 * math.log(0.2 / 0.04))))
+    assert calibrate(logp, cal, pen) == pytest.approx(want)
 
 
 def _state(calibration):

@@ -60,6 +60,10 @@ class PairMeta:
     def as_dict(self) -> dict:
         return asdict(self)   # quality becomes a plain dict too
 
+    def quality_dict(self) -> dict | None:
+        """The alignment's PairQuality as a dict (what the answer's confidence reads)."""
+        return self.quality.as_dict() if self.quality is not None else None
+
 
 def read_gray(path: str | Path | bytes) -> np.ndarray:
     """Decode an image file to a uint8 grayscale array, EXIF orientation applied."""

@@ -181,7 +181,7 @@ class OnnxRunner(AskMixin):
             pos += 1
         decode_ms = _ms(t0)
         to_orig = meta.to_original if meta is not None else (lambda b: list(b))
-        quality = meta.as_dict().get("quality") if meta is not None else None
+        quality = meta.quality_dict() if meta is not None else None
         ans = self.parser.build(state, enc.outputs["region_boxes"][0], to_orig, question,
                                 quality=quality)
         ans["raw"] = self.tokenizer.decode(out, skip_special_tokens=False)

@@ -115,7 +115,7 @@ class DecodeState:
         tok = int(ids[j])
         if (self.phase == "region" and tok != self.spec["eos"]
                 and self.spec.get("region_confidence") == "margin"):
-            logp = _log_sigmoid(float(z[j] - z[0]))   # ids[0] is <eos> in the region phase
+            logp = _log_sigmoid(float(z[j] - z[ids == self.spec["eos"]][0]))
         else:
             logp = float(z[j] - _logsumexp(z))
         self.advance(tok, logp)
@@ -130,10 +130,11 @@ class DecodeState:
         w = float(self.spec.get("region_prior_weight", 0.0) or 0.0)
         out = np.zeros(len(ids))
         if w and self.filter == "all":
-            k = ids[1:] - self.spec["region_offset"]
+            reg = ids >= self.spec["region_offset"]
+            k = ids[reg] - self.spec["region_offset"]
             s = np.clip(np.nan_to_num(self.region_scores[k].astype(np.float64), nan=0.5),
                         1e-6, 1 - 1e-6)
-            out[1:] = w * np.log(s / (1 - s))
+            out[reg] = w * np.log(s / (1 - s))
         return out
 
     def advance(self, tok: int, logp: float = 0.0) -> None:

@@ -64,7 +64,7 @@ class PcbVlm(nn.Module):
         """As :meth:`answer`, on the outputs of :meth:`encode_image` (one image, many questions)."""
         state, out = self.decode(enc, question, max_new_tokens, keep)
         to_orig = meta.to_original if meta is not None else (lambda b: list(b))
-        quality = meta.as_dict().get("quality") if meta is not None else None
+        quality = meta.quality_dict() if meta is not None else None
         ans = build_answer(state, enc["region_boxes"][0].numpy(), to_orig, question,
                            quality=quality)
         ans["token_ids"] = out

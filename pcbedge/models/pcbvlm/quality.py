@@ -21,10 +21,10 @@ from pcbedge.data.deeppcb import DEFECT_TYPES
 from pcbedge.data.degrade import CALIBRATION_DEGRADATIONS
 from pcbedge.data.preprocess import prepare_pair
 from pcbedge.data.qa import QuestionGenerator
-from pcbedge.models.pcbvlm.grammar import logit_of_logp, quality_penalty
+from pcbedge.models.pcbvlm.grammar import logit_of_logp
 
 
-def _correct(d: dict, boxes: np.ndarray, types, used: set) -> bool:
+def is_correct(d: dict, boxes: np.ndarray, types, used: set) -> bool:
     from pcbedge.models.pcbvlm.train_lm import iou_matrix
     if not len(boxes):
         return False
@@ -61,7 +61,7 @@ def quality_records(model, boards, seed: int, degradations=CALIBRATION_DEGRADATI
                 for t, k, logp in state.defects:
                     z = a * logit_of_logp(logp) + b      # calibrated logit, no penalty yet
                     d = {"type": t, "bbox": boxes[k].tolist()}
-                    out.append((z, meta.quality.residual, _correct(d, bd.boxes, bd.types, used)))
+                    out.append((z, meta.quality.residual, is_correct(d, bd.boxes, bd.types, used)))
     return out
 
 
@@ -87,12 +87,6 @@ def fit_quality(records: list[tuple[float, float, bool]], clean_residuals: list[
             "n_penalised": int(sel.sum()),
             "accuracy_penalised": round(float(y[sel].mean()), 4) if sel.any() else None,
             "method": "logit - c * max(0, log(residual / residual_ref)), c by max. likelihood"}
-
-
-def apply_quality(conf_logit: float, residual: float, block: dict) -> float:
-    """Confidence of a defect with the quality block applied (for reports and tests)."""
-    pen = quality_penalty({"residual": residual}, {"quality": block})
-    return 1 / (1 + math.exp(-(conf_logit - pen)))
 
 
 def calibrate_quality(model, boards, seed: int) -> dict:

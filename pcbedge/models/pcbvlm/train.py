@@ -129,7 +129,7 @@ def train_vision(model: PcbVlm, boards: list[Board8], fc: FinetuneConfig, logf) 
 def calibration_pairs(model: PcbVlm, boards: list[Board8], seed: int) -> tuple[list, list]:
     """Answer describe-all and typed questions on validation boards; (raw logp, correct) pairs,
     the raw log-probability read from the decoding state (unrounded)."""
-    from pcbedge.models.pcbvlm.quality import _correct
+    from pcbedge.models.pcbvlm.quality import is_correct
     gen = QuestionGenerator(seed=seed + 7, split="train")
     logps, correct = [], []
     for bd in tqdm(boards, desc="stage C: calibration answers", unit="board"):
@@ -141,7 +141,7 @@ def calibration_pairs(model: PcbVlm, boards: list[Board8], seed: int) -> tuple[l
             used: set = set()
             for t, k, logp in state.defects:
                 d = {"type": t, "bbox": boxes[k].tolist()}
-                logps.append(logp), correct.append(_correct(d, bd.boxes, bd.types, used))
+                logps.append(logp), correct.append(is_correct(d, bd.boxes, bd.types, used))
     return logps, correct
 
 
