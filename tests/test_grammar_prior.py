@@ -107,3 +107,24 @@ def test_prior_is_not_applied_under_a_type_filter():
     st.advance(spec["filters"]["short"])
     # the decoder says "no short here": strong evidence of *some* defect must not overrule it
     assert st.step(_logits(spec, 2.0, [0.0, 0.0, 0.0, 0.0])) == spec["eos"]
+
+
+def test_prior_center_moves_the_report_or_stop_line():
+    # a proposal scored 0.3 with a decoder undecided between it and <eos>: with the neutral
+    # point at 0.5 the head votes "stop", with it at 0.2 the head votes "report"
+    for center, want_eos in ((0.5, True), (0.2, False)):
+        spec = _spec(region_prior_weight=4.0, region_prior_center=center)
+        assert spec["region_prior_center"] == center
+        st = _at_region_phase(spec, [0.3, 0.01, 0.01, 0.01])
+        tok = st.step(_logits(spec, 0.0, [0.0, -9, -9, -9]))
+        assert (tok == spec["eos"]) is want_eos
+        if not want_eos:
+            assert tok == spec["region_offset"] + 0
+
+
+def test_prior_center_is_ignored_under_a_type_filter():
+    spec = _spec(region_prior_weight=4.0, region_prior_center=0.01)
+    st = DecodeState(spec, np.asarray([0.3] * K, np.float32))
+    st.advance(spec["intents"]["where"])
+    st.advance(spec["filters"]["short"])
+    assert st.step(_logits(spec, 1.0, [0.0] * K)) == spec["eos"]   # the decoder alone

@@ -46,6 +46,7 @@ class PcbVlmConfig:
     # logit, and how a region's confidence is read ("softmax": its share of the step's
     # probability; "margin": its logit over <eos>, i.e. "report it rather than stop")
     region_prior_weight: float = 0.0
+    region_prior_center: float = 0.5     # evidence score at which the head's vote is neutral
     region_confidence: str = "softmax"
     model_type: str = MODEL_TYPE
 
@@ -63,6 +64,7 @@ class PcbVlmConfig:
                    text=TextConfig(**d.get("text", {})),
                    min_region_score=d.get("min_region_score", 0.05),
                    region_prior_weight=float(d.get("region_prior_weight", 0.0)),
+                   region_prior_center=float(d.get("region_prior_center", 0.5)),
                    region_confidence=d.get("region_confidence", "softmax"))
 
     def save(self, path: Path) -> None:

@@ -16,11 +16,13 @@ Region tokens carry no index, so training targets the whole set of true regions 
 reported (set-based pointer loss); decoding lets the decoder pick any unreported one (most
 probable first). Two spec fields shape that step:
 
-* ``region_prior_weight`` w: under the ``all`` filter each pointer logit gets
-  ``w * logit(score_k)`` of the defect head added before the choice (a product of experts:
-  the language side and the evidence head vote together on "which region next, or stop");
-  ``<eos>`` gets nothing. Under a type filter the decoder decides alone (the head's score is
-  class-agnostic). 0 = decoder only.
+* ``region_prior_weight`` w and ``region_prior_center`` c: under the ``all`` filter each
+  pointer logit gets ``w * (logit(score_k) - logit(c))`` of the defect head added before the
+  choice (a product of experts: the language side and the evidence head vote together on
+  "which region next, or stop"); ``<eos>`` gets nothing, so a proposal scoring above c is
+  pushed towards being reported and one below it towards stopping. Under a type filter the
+  decoder decides alone (the head's score is class-agnostic). w = 0: decoder only; c
+  defaults to 0.5 (no offset).
 * ``region_confidence``: ``"softmax"`` reads a region's raw confidence as its share of the
   step's probability; ``"margin"`` as ``sigmoid(logit_k - logit_eos)``, "report it rather than
   stop", which does not shrink when many true regions remain. Platt scaling then calibrates it.
@@ -50,7 +52,7 @@ REGION_CONFIDENCE = ("softmax", "margin")
 
 def grammar_spec(vocab: dict[str, int], num_regions: int, min_region_score: float,
                  calibration: dict, *, region_prior_weight: float = 0.0,
-                 region_confidence: str = "softmax") -> dict:
+                 region_prior_center: float = 0.5, region_confidence: str = "softmax") -> dict:
     """The JSON block a manifest carries so any runner can decode this answer language."""
     return {
         "kind": "pcbvlm-pointer-v2",
@@ -61,6 +63,7 @@ def grammar_spec(vocab: dict[str, int], num_regions: int, min_region_score: floa
         "region_offset": vocab["<r_0>"], "num_regions": num_regions,
         "min_region_score": min_region_score,
         "region_prior_weight": float(region_prior_weight),
+        "region_prior_center": float(region_prior_center),
         "region_confidence": region_confidence,
         "calibration": calibration,
     }
@@ -134,7 +137,8 @@ class DecodeState:
             k = ids[reg] - self.spec["region_offset"]
             s = np.clip(np.nan_to_num(self.region_scores[k].astype(np.float64), nan=0.5),
                         1e-6, 1 - 1e-6)
-            out[reg] = w * np.log(s / (1 - s))
+            c = min(max(float(self.spec.get("region_prior_center", 0.5)), 1e-6), 1 - 1e-6)
+            out[reg] = w * (np.log(s / (1 - s)) - math.log(c / (1 - c)))
         return out
 
     def advance(self, tok: int, logp: float = 0.0) -> None:

@@ -40,6 +40,7 @@ class PcbVlm(nn.Module):
         vocab = self.tokenizer.get_vocab(with_added_tokens=True)
         return grammar_spec(vocab, self.cfg.vision.num_regions, self.cfg.min_region_score,
                             self.calibration, region_prior_weight=self.cfg.region_prior_weight,
+                            region_prior_center=self.cfg.region_prior_center,
                             region_confidence=self.cfg.region_confidence)
 
     def encode_image(self, x: torch.Tensor) -> dict:
