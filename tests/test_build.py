@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -61,6 +62,31 @@ def test_vision_qdq_sits_on_convs_only(export, cal_set, tmp_path):
     assert rep["activations"] == {"dtypes": ["uint8"], "symmetric": False, "per_tensor": True}
     again = qdq_report(tmp_path / "v8.onnx")           # the report is a function of the graph
     assert again["quantized_by_op_type"] == rep["quantized_by_op_type"]
+    # no tensor is dequantized only to read its shape: Shape reads the quantized tensor
+    g = onnx.load(str(tmp_path / "v8.onnx")).graph
+    producer = {o: n for n in g.node for o in n.output}
+    shapes = [n for n in g.node if n.op_type == "Shape"]
+    assert shapes and all(producer.get(n.input[0]) is None
+                          or producer[n.input[0]].op_type != "DequantizeLinear" for n in shapes)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    assert all(n.output[0] in used for n in g.node if n.op_type == "DequantizeLinear")
+
+
+def test_shape_reads_skip_qdq_is_exact(export, cal_set, tmp_path):
+    import onnxruntime as ort
+    from pcbedge.build import quantize as q
+    cfg = QuantizationConfig(op_types=("Conv",))
+    outs = {}
+    for name, reroute in (("plain", lambda m: 0), ("rerouted", q.shape_reads_skip_qdq)):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(q, "shape_reads_skip_qdq", reroute)
+            quantize_graph(export / "vision.onnx", tmp_path / f"{name}.onnx", cfg,
+                           iter_vision_inputs(cal_set, 128))
+        s = ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        x = next(iter_vision_inputs(cal_set, 128))
+        outs[name] = s.run(None, x)
+    for a, b in zip(outs["plain"], outs["rerouted"]):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_softmax_never_quantized(export, tmp_path):

@@ -167,6 +167,9 @@ def _quantize_qdq_static(src: Path, dst: Path, config: QuantizationConfig,
         dst.unlink(missing_ok=True)
         raise CalibrationError(f"calibration of {src.name} got no input",
                                fix="pass a calibration set with at least one board")
+    qdq = onnx.load(str(dst))
+    if shape_reads_skip_qdq(qdq):
+        onnx.save(qdq, str(dst))
     report = qdq_report(dst)
     check_always_float(report, ALWAYS_FLOAT, dst.name)
     report["calibration_samples"] = reader.count
@@ -215,6 +218,41 @@ def reroute_shape_reads(model) -> int:
                 c.input[0] = bn.output[0]
                 moved += 1
     return moved
+
+
+def shape_reads_skip_qdq(model) -> int:
+    """A Shape node that reads a DequantizeLinear(QuantizeLinear(x)) output reads the quantized
+    tensor instead (not x: a second consumer of a Conv's float output would stop onnxruntime
+    fusing Conv+Q into QLinearConv), and DQ nodes left without consumers go. The shape is the
+    same, so this is exact; it saves
+    dequantizing a whole tensor only to learn its shape (the dynamo exporter reads the input's
+    and the stride-4 features' shapes this way: five full-size DequantizeLinear nodes, ~2 ms of
+    the INT8 vision graph's ~17 ms on this CPU). Returns how many Shape reads moved."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    moved = 0
+    for n in model.graph.node:
+        dq = producer.get(n.input[0]) if n.op_type == "Shape" else None
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        q = producer.get(dq.input[0])
+        if q is not None and q.op_type == "QuantizeLinear":
+            n.input[0] = q.output[0]
+            moved += 1
+    if moved:
+        _drop_dead_qdq(model)
+    return moved
+
+
+def _drop_dead_qdq(model) -> None:
+    outputs = {o.name for o in model.graph.output}
+    while True:
+        used = {i for n in model.graph.node for i in n.input} | outputs
+        dead = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in used for o in n.output)]
+        if not dead:
+            return
+        for n in dead:
+            model.graph.node.remove(n)
 
 
 def activation_matmuls(model) -> list[str]:
