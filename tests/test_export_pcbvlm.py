@@ -302,3 +302,35 @@ def test_parity_tolerates_topk_tie_order_only():
     got = {"s": ref["s"].copy(), "box": ref["box"][:, [1, 0, 2, 3]].copy()}   # not a tie
     aligned, moved = align_ties(got, ref, ("s", ("box",)), atol=1e-3, rtol=1e-3)
     assert moved == 0 and not np.array_equal(aligned["box"], ref["box"])
+
+
+def test_flip_average_exports_and_matches_torch(tmp_path):
+    """The flip-averaged heatmap (VisionConfig.flip_average) is in the vision graph: export's
+    parity check passes and the ONNX answers equal the PyTorch ones."""
+    from dataclasses import replace
+
+    from pcbedge.models.pcbvlm.model import PcbVlm
+    from pcbedge.runtimes.onnx_runner import OnnxRunner
+    from pcbedge.testing import tiny_pcbvlm_model
+    m = tiny_pcbvlm_model()
+    m.cfg = replace(m.cfg, vision=replace(m.cfg.vision, flip_average=True))
+    m.vision.cfg = m.cfg
+    m.save_pretrained(tmp_path / "m")
+    model = PcbVlm.from_pretrained(tmp_path / "m")
+    assert model.cfg.vision.flip_average
+    x = torch.from_numpy(random_pair_input(128, seed=3))[None]
+    with torch.no_grad():   # the heatmap is the mean of the two views' probabilities
+        _, _, h0, _ = model.vision.dense(x)
+        _, _, h1, _ = model.vision.dense(x.flip(3))
+        _, _, avg, _ = model.vision.dense_averaged(x)
+        want = (torch.sigmoid(h0) + torch.sigmoid(h1).flip(3)) / 2
+        torch.testing.assert_close(torch.sigmoid(avg), want, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(torch.sigmoid(h0), want, atol=1e-3)
+    export_model(tmp_path / "m", tmp_path / "b")
+    runner = OnnxRunner(tmp_path / "b")
+    for seed in range(2):
+        xs = random_pair_input(128, seed=20 + seed)
+        enc = runner.encode(xs)
+        for q in ("where are the defects?", "how many spurs?"):
+            ref, got = model.answer(xs, q), runner.answer_encoded(enc, q)
+            assert got["token_ids"] == ref["token_ids"] and got["defects"] == ref["defects"]

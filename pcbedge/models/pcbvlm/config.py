@@ -19,6 +19,9 @@ class VisionConfig:
     num_regions: int = 32
     stride: int = 4          # heatmap stride
     token_stride: int = 32   # visual token stride
+    # the defect heatmap averaged with the heatmap of the mirrored board (flipped back): the
+    # proposals' scores and peaks come from two views, boxes and features from the first
+    flip_average: bool = False
 
 
 @dataclass(frozen=True)

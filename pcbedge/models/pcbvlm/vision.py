@@ -137,8 +137,19 @@ class VisionEncoder(nn.Module):
         heat, box = self.head(feat)
         return feat, c32, heat, box
 
+    def dense_averaged(self, x):
+        """``dense`` with the heatmap averaged over the board and its mirror image (flipped
+        back), when the config asks for it: both views go through the backbone as one batch."""
+        if not self.cfg.vision.flip_average:
+            return self.dense(x)
+        b = x.shape[0]
+        feat, c32, heat, box = self.dense(torch.cat([x, x.flip(3)], dim=0))
+        p = (torch.sigmoid(heat[:b]) + torch.sigmoid(heat[b:]).flip(3)) * 0.5
+        p = p.clamp(1e-6, 1 - 1e-6)
+        return feat[:b], c32[:b], torch.log(p) - torch.log1p(-p), box[:b]
+
     def forward(self, x):
-        feat, c32, heat, box = self.dense(x)
+        feat, c32, heat, box = self.dense_averaged(x)
         # scalar_tensor of a shape stays symbolic under torch.export (torch.tensor(float(...))
         # would freeze the example's size into the graph and break boxes at other sizes)
         H = torch.scalar_tensor(x.shape[2])
