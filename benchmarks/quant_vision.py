@@ -47,6 +47,7 @@ VARIANTS: dict[str, tuple[QuantizationConfig | None, str]] = {
     "conv_relu_all": (replace(CONV_RELU, **ALL), "all"),
     "conv_relu": (CONV_RELU, "all"),
     "conv_relu_add": (replace(CONV_RELU, op_types=("Conv", "Relu", "Add")), "all"),
+    "conv_relu_add_resize": (replace(CONV_RELU, op_types=("Conv", "Relu", "Add", "Resize")), "all"),
     "conv_relu_add_resize_pool": (replace(CONV_RELU, op_types=(
         "Conv", "Relu", "Add", "Resize", "MaxPool")), "all"),
     "conv_relu_per_tensor": (replace(CONV_RELU, per_channel=False), "all"),
