@@ -6,7 +6,6 @@ questions in the *held-out* phrasings the model never trained on.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
