@@ -128,3 +128,25 @@ def test_prior_center_is_ignored_under_a_type_filter():
     st.advance(spec["intents"]["where"])
     st.advance(spec["filters"]["short"])
     assert st.step(_logits(spec, 1.0, [0.0] * K)) == spec["eos"]   # the decoder alone
+
+
+def test_overlap_rule_never_reports_the_same_place_twice():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60], [0, 0, 10, 10]], np.float32)
+    got = {}
+    for limit in (1.0, 0.5):
+        spec = _spec(region_overlap_max=limit)
+        st = DecodeState(spec, np.asarray([0.9] * K, np.float32), boxes)
+        st.advance(spec["intents"]["describe"])
+        st.advance(spec["filters"]["all"])
+        z = _logits(spec, -5.0, [4.0, 3.0, 2.0, 1.0])   # the decoder wants every region, in order
+        for _ in range(2 * K + 2):
+            if st.done:
+                break
+            st.step(z if st.phase == "region" else np.zeros_like(z))
+        got[limit] = [k for _, k, _ in st.defects]
+    assert got[1.0] == [0, 1, 2, 3]
+    assert got[0.5] == [0, 2]          # 1 (IoU 0.68) and 3 (same box) repeat region 0
+    # without boxes the rule is off whatever the spec says
+    spec = _spec(region_overlap_max=0.5)
+    st = _at_region_phase(spec, [0.9] * K)
+    assert st._overlaps_reported().sum() == 0

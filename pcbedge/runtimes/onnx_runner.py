@@ -160,7 +160,8 @@ class OnnxRunner(AskMixin):
         keep = self.keep_indices(enc, cfg)
         if keep is not None:
             vis = np.ascontiguousarray(vis[:, keep])
-        state = self.parser.state(self.grammar, enc.outputs["region_scores"][0])
+        state = self.parser.state(self.grammar, enc.outputs["region_scores"][0],
+                                  enc.outputs["region_boxes"][0])
         t0 = time.perf_counter()
         logits, past = self.sessions["decoder_prefill"].run(
             ["logits", "present"], {"visual_tokens": vis, "region_tokens": reg,

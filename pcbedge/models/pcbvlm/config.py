@@ -50,6 +50,7 @@ class PcbVlmConfig:
     # probability; "margin": its logit over <eos>, i.e. "report it rather than stop")
     region_prior_weight: float = 0.0
     region_prior_center: float = 0.5     # evidence score at which the head's vote is neutral
+    region_overlap_max: float = 1.0      # IoU above which a box repeats a reported one (1 = off)
     region_confidence: str = "softmax"
     model_type: str = MODEL_TYPE
 
@@ -68,6 +69,7 @@ class PcbVlmConfig:
                    min_region_score=d.get("min_region_score", 0.05),
                    region_prior_weight=float(d.get("region_prior_weight", 0.0)),
                    region_prior_center=float(d.get("region_prior_center", 0.5)),
+                   region_overlap_max=float(d.get("region_overlap_max", 1.0)),
                    region_confidence=d.get("region_confidence", "softmax"))
 
     def save(self, path: Path) -> None:

@@ -23,6 +23,10 @@ probable first). Two spec fields shape that step:
   pushed towards being reported and one below it towards stopping. Under a type filter the
   decoder decides alone (the head's score is class-agnostic). w = 0: decoder only; c
   defaults to 0.5 (no offset).
+* ``region_overlap_max``: a proposal whose box overlaps an already-reported region's box by
+  more than this IoU may not be reported (the same place is never reported twice, as the same
+  proposal is not; the head sometimes puts two peaks on one large defect). Needs the boxes
+  (``DecodeState.region_boxes``); 1.0 = off.
 * ``region_confidence``: ``"softmax"`` reads a region's raw confidence as its share of the
   step's probability; ``"margin"`` as ``sigmoid(logit_k - logit_eos)``, "report it rather than
   stop", which does not shrink when many true regions remain. Platt scaling then calibrates it.
@@ -52,7 +56,8 @@ REGION_CONFIDENCE = ("softmax", "margin")
 
 def grammar_spec(vocab: dict[str, int], num_regions: int, min_region_score: float,
                  calibration: dict, *, region_prior_weight: float = 0.0,
-                 region_prior_center: float = 0.5, region_confidence: str = "softmax") -> dict:
+                 region_prior_center: float = 0.5, region_overlap_max: float = 1.0,
+                 region_confidence: str = "softmax") -> dict:
     """The JSON block a manifest carries so any runner can decode this answer language."""
     return {
         "kind": "pcbvlm-pointer-v2",
@@ -64,6 +69,7 @@ def grammar_spec(vocab: dict[str, int], num_regions: int, min_region_score: floa
         "min_region_score": min_region_score,
         "region_prior_weight": float(region_prior_weight),
         "region_prior_center": float(region_prior_center),
+        "region_overlap_max": float(region_overlap_max),
         "region_confidence": region_confidence,
         "calibration": calibration,
     }
@@ -74,6 +80,7 @@ class DecodeState:
     """Where constrained greedy decoding stands; ``allowed`` gives the logit mask."""
     spec: dict
     region_scores: np.ndarray            # [K] evidence score of each proposal
+    region_boxes: np.ndarray | None = None   # [K, 4] boxes (any pixel frame), for the overlap rule
     phase: str = "intent"                # intent -> filter -> region <-> type -> done
     intent: str | None = None
     filter: str | None = None
@@ -97,6 +104,7 @@ class DecodeState:
         elif self.phase == "region":
             k = np.arange(len(self.region_scores))
             ok = ~np.isin(k, list(self.emitted)) & (self.region_scores >= s["min_region_score"])
+            ok &= ~self._overlaps_reported()
             ids = [s["eos"]] + list(s["region_offset"] + k[ok])
         else:  # type of the region just reported
             types = DEFECT_TYPES if self.filter == "all" else (self.filter,)
@@ -123,6 +131,23 @@ class DecodeState:
             logp = float(z[j] - _logsumexp(z))
         self.advance(tok, logp)
         return tok
+
+    def _overlaps_reported(self) -> np.ndarray:
+        """[K] True where a proposal's box overlaps a reported region's box above
+        ``region_overlap_max`` (never the reported ones themselves: they are excluded anyway)."""
+        k = len(self.region_scores)
+        limit = float(self.spec.get("region_overlap_max", 1.0))
+        if self.region_boxes is None or limit >= 1.0 or not self.emitted:
+            return np.zeros(k, dtype=bool)
+        b = np.nan_to_num(np.asarray(self.region_boxes, dtype=np.float64).reshape(k, 4))
+        r = b[sorted(self.emitted)]
+        iw = np.clip(np.minimum(b[:, None, 2], r[None, :, 2]) - np.maximum(b[:, None, 0], r[None, :, 0]), 0, None)
+        ih = np.clip(np.minimum(b[:, None, 3], r[None, :, 3]) - np.maximum(b[:, None, 1], r[None, :, 1]), 0, None)
+        inter = iw * ih
+        area = lambda x: np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)  # noqa: E731
+        union = area(b)[:, None] + area(r)[None, :] - inter
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+        return (iou > limit).any(axis=1)
 
     def _region_prior(self, ids: np.ndarray) -> np.ndarray:
         """Weight x logit(evidence score) for each allowed pointer, 0 for <eos>: the decoder's

@@ -41,6 +41,7 @@ class PcbVlm(nn.Module):
         return grammar_spec(vocab, self.cfg.vision.num_regions, self.cfg.min_region_score,
                             self.calibration, region_prior_weight=self.cfg.region_prior_weight,
                             region_prior_center=self.cfg.region_prior_center,
+                            region_overlap_max=self.cfg.region_overlap_max,
                             region_confidence=self.cfg.region_confidence)
 
     def encode_image(self, x: torch.Tensor) -> dict:
@@ -80,7 +81,8 @@ class PcbVlm(nn.Module):
         vis = enc["visual_tokens"] if keep is None else enc["visual_tokens"][:, torch.as_tensor(keep)]
         reg = enc["region_tokens"]
         ids = encode_question(self.tokenizer, question, self.cfg.text.max_text_len // 2)
-        state = DecodeState(self.spec, enc["region_scores"][0].numpy())
+        state = DecodeState(self.spec, enc["region_scores"][0].numpy(),
+                            enc["region_boxes"][0].numpy())
         logits, past = self.decoder.prefill(vis, reg, torch.tensor([ids]))
         pos, out = len(ids), []
         for _ in range(max_new_tokens):
