@@ -224,10 +224,9 @@ def shape_reads_skip_qdq(model) -> int:
     """A Shape node that reads a DequantizeLinear(QuantizeLinear(x)) output reads the quantized
     tensor instead (not x: a second consumer of a Conv's float output would stop onnxruntime
     fusing Conv+Q into QLinearConv), and DQ nodes left without consumers go. The shape is the
-    same, so this is exact; it saves
-    dequantizing a whole tensor only to learn its shape (the dynamo exporter reads the input's
-    and the stride-4 features' shapes this way: five full-size DequantizeLinear nodes, ~2 ms of
-    the INT8 vision graph's ~17 ms on this CPU). Returns how many Shape reads moved."""
+    same, so this is exact; it saves dequantizing a whole tensor only to learn its shape (the
+    dynamo exporter reads the input's and the stride-4 features' shapes this way: five
+    full-size DequantizeLinear nodes in the reference vision graph). Returns how many moved."""
     producer = {o: n for n in model.graph.node for o in n.output}
     moved = 0
     for n in model.graph.node:

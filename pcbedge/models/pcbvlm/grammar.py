@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pcbedge.benchmarks.metrics import iou_matrix
+
 DEFECT_TYPES = ("open", "short", "mousebite", "spur", "spurious_copper", "pin_hole")
 INTENTS = ("where", "count", "exists", "describe", "unsupported")
 SPECIAL_TOKENS = (["[PAD]", "[UNK]", "<bos>", "<sep>", "<eos>"]
@@ -140,13 +142,7 @@ class DecodeState:
         if self.region_boxes is None or limit >= 1.0 or not self.emitted:
             return np.zeros(k, dtype=bool)
         b = np.nan_to_num(np.asarray(self.region_boxes, dtype=np.float64).reshape(k, 4))
-        r = b[sorted(self.emitted)]
-        iw = np.clip(np.minimum(b[:, None, 2], r[None, :, 2]) - np.maximum(b[:, None, 0], r[None, :, 0]), 0, None)
-        ih = np.clip(np.minimum(b[:, None, 3], r[None, :, 3]) - np.maximum(b[:, None, 1], r[None, :, 1]), 0, None)
-        inter = iw * ih
-        area = lambda x: np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)  # noqa: E731
-        union = area(b)[:, None] + area(r)[None, :] - inter
-        iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+        iou = iou_matrix(b, b[sorted(self.emitted)])
         return (iou > limit).any(axis=1)
 
     def _region_prior(self, ids: np.ndarray) -> np.ndarray:
