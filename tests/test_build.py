@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,36 @@ def test_shape_reads_skip_qdq_is_exact(export, cal_set, tmp_path):
         outs[name] = s.run(None, x)
     for a, b in zip(outs["plain"], outs["rerouted"]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_gathers_read_quantized_is_exact(export, cal_set, tmp_path):
+    """The region features are gathered from the int8 stride-4 map and only the gathered
+    values dequantized: same outputs bit for bit, and no full-map DequantizeLinear left."""
+    import onnxruntime as ort
+    cfg = QuantizationConfig(op_types=("Conv", "Relu"))
+    outs, graphs = {}, {}
+    for name, on in (("plain", False), ("moved", True)):
+        quantize_graph(export / "vision.onnx", tmp_path / f"{name}.onnx",
+                       replace(cfg, gather_quantized=on), iter_vision_inputs(cal_set, 128))
+        graphs[name] = onnx.load(str(tmp_path / f"{name}.onnx")).graph
+        s = ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        outs[name] = s.run(None, next(iter_vision_inputs(cal_set, 128)))
+    for a, b in zip(outs["plain"], outs["moved"]):
+        np.testing.assert_array_equal(a, b)
+
+    def gathers_after_dq(g):
+        producer = {o: n for n in g.node for o in n.output}
+        n_after = 0
+        for n in g.node:
+            x = n.input[0] if n.op_type == "GatherElements" else None
+            while x in producer and producer[x].op_type == "Reshape":
+                x = producer[x].input[0]
+            n_after += x in producer and producer[x].op_type == "DequantizeLinear"
+        return n_after
+    assert gathers_after_dq(graphs["plain"]) >= 1
+    assert gathers_after_dq(graphs["moved"]) == 0
+    assert any(n.op_type == "DequantizeLinear" and n.name.endswith("_dequantize")
+               for n in graphs["moved"].node)
 
 
 def test_softmax_never_quantized(export, tmp_path):
