@@ -1,12 +1,13 @@
 """FP32 vs INT8 vision graph of a bundle: latency per op-set choice, and output drift.
 
-    PYTHONPATH=. python benchmarks/quant_vision.py bundles/export --runs 50 --threads 2 \\
-        --out bundles/quant_vision.json
+    PYTHONPATH=. python benchmarks/quant_vision.py bundles/export --runs 50 --rounds 4 \\
+        --threads 2 --out bundles/quant_vision.json
 
 Each variant quantizes the bundle's FP32 ``vision.onnx`` with :func:`quantize_graph` on the
 embedded calibration set (or ``--calibration DIR``), then every variant is timed on the same
-preprocessed board, *interleaved* (one run of each variant per round), so background load hits
-all of them alike. Median and P95 over ``--runs`` runs after ``--warmup`` runs; drift is the
+preprocessed board in a process of its own (:func:`time_isolated`): ``--rounds`` rounds, one
+block of ``--runs`` runs (after ``--warmup``) per variant per round, the order reversed every
+other round. Median and P95 over all runs, plus the median of the per-round ratios; drift is the
 relative L2 error of the visual tokens and of the token prior, and at the detection level the
 proposals kept and their score / box differences, against FP32 on ``--drift-boards`` bench
 boards (validation side, never calibration boards). This is the measurement behind the x86-cpu profile's ``vision_ops`` (docs/build.md).
@@ -21,6 +22,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,6 +58,8 @@ VARIANTS: dict[str, tuple[QuantizationConfig | None, str]] = {
     "conv_relu_keep_act": (CONV_RELU.with_options(QDQKeepRemovableActivations=True), "all"),
     "conv_relu_qdq_weight": (CONV_RELU.with_options(AddQDQPairToWeight=True), "all"),
     "conv_relu_no_preprocess": (replace(CONV_RELU, preprocess=False), "all"),
+    # before gathers_read_quantized: the whole stride-4 map dequantized for 32 gathered cells
+    "conv_relu_gather_float": (replace(CONV_RELU, gather_quantized=False), "all"),
     "conv_relu_extended": (CONV_RELU, "extended"),
     "conv_relu_nospin": (CONV_RELU, "all_nospin"),
     "fp32_nospin": (None, "all_nospin"),
@@ -129,20 +133,13 @@ def _run(args, work: Path) -> dict:
         graphs[name] = work / f"{name}.onnx"
         print(f"quantized {name:28s} {qtime[name]:5.1f} s  {summarize(reports[name])}",
               file=sys.stderr)
-    sessions = {n: make_session(graphs[n], args.threads, VARIANTS[n][1]) for n in names}
     boards = bench_boards(args.drift_boards, size)
     x = boards[0]
-    for _ in range(args.warmup):
-        for n in names:
-            sessions[n].run(None, {"pixel_values": x})
-    times: dict[str, list[float]] = {n: [] for n in names}
+    np.save(work / "board.npy", x)
     load_before = os.getloadavg()[0]
-    for _ in range(args.runs):
-        for n in names:
-            t0 = time.perf_counter()
-            sessions[n].run(None, {"pixel_values": x})
-            times[n].append((time.perf_counter() - t0) * 1e3)
+    times, blocks = time_isolated({n: graphs[n] for n in names}, work / "board.npy", args)
     load_after = os.getloadavg()[0]
+    sessions = {n: make_session(graphs[n], args.threads, VARIANTS[n][1]) for n in names}
     profiles = ({n: profile_ops(graphs[n], args.threads, VARIANTS[n][1], x, args.profile)
                  for n in names} if args.profile else {})
     ref_name = "fp32" if "fp32" in names else None
@@ -161,15 +158,67 @@ def _run(args, work: Path) -> dict:
     if ref_name:
         for n in names:
             rows[n]["speedup_vs_fp32"] = rows[ref_name]["median_ms"] / rows[n]["median_ms"]
-            rows[n].update(paired_speedup(times[ref_name], times[n]))
+            rows[n].update(paired_speedup(blocks[ref_name], blocks[n]))
+            rows[n]["block_medians_ms"] = [round(v, 3) for v in blocks[n]]
     return {"graph": str(src), "input_size": size, "threads": args.threads,
-            "runs": args.runs, "warmup": args.warmup, "calibration": cal.to_manifest(),
+            "runs": args.runs * args.rounds, "rounds": args.rounds, "warmup": args.warmup,
+            "timing": "each variant in its own process, one block of runs per round", "calibration": cal.to_manifest(),
             "machine": _machine(), "loadavg_1min": [load_before, load_after], "variants": rows}
 
 
+def time_isolated(graphs: dict[str, Path], board: Path, args) -> tuple[dict, dict]:
+    """Every variant timed in a fresh process of its own, ``args.rounds`` rounds of one block
+    of ``args.runs`` runs each, the variant order reversed every other round so slow drifts of
+    the machine hit all alike. Returns (all run times, block medians) per variant, in ms.
+
+    Why processes: two onnxruntime sessions in one process each own an intra-op pool whose
+    threads spin-wait after a run. Interleaving 20 sessions on 2 cores let the idle ones'
+    spinning steal the running one's cores: FP32 read 30 or 61 ms depending on the order
+    (docs/build.md). A line PC runs one session per graph, in one process."""
+    times: dict[str, list[float]] = {n: [] for n in graphs}
+    blocks: dict[str, list[float]] = {n: [] for n in graphs}
+    names = list(graphs)
+    for r in range(args.rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            cmd = [sys.executable, __file__, "_time", str(graphs[n]), str(board),
+                   "--level", VARIANTS[n][1], "--threads", str(args.threads),
+                   "--runs", str(args.runs), "--warmup", str(args.warmup)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            t = json.loads(done.stdout.strip().splitlines()[-1])
+            times[n] += t
+            blocks[n].append(statistics.median(t))
+        print(f"timed round {r + 1}/{args.rounds}", file=sys.stderr)
+    return times, blocks
+
+
+def _time_one(argv: list[str]) -> int:
+    """Worker: time one graph on one board; prints the run times (ms) as a JSON list."""
+    p = argparse.ArgumentParser()
+    p.add_argument("graph")
+    p.add_argument("board")
+    p.add_argument("--level", default="all")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=50, help="timed runs per block")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="blocks per variant, each in a fresh process (runs x rounds in all)")
+    p.add_argument("--warmup", type=int, default=10)
+    a = p.parse_args(argv)
+    sess = make_session(Path(a.graph), a.threads, a.level)
+    feed = {"pixel_values": np.load(a.board)}
+    for _ in range(a.warmup):
+        sess.run(None, feed)
+    out = []
+    for _ in range(a.runs):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        out.append((time.perf_counter() - t0) * 1e3)
+    print(json.dumps(out))
+    return 0
+
+
 def paired_speedup(ref_ms: list[float], ms: list[float]) -> dict:
-    """Speedup read round by round: the variants run interleaved, so run i of each shares the
-    machine's state at that moment (another VM's burst, a frequency step). The median of the
+    """Speedup read round by round: in round i each variant's block ran minutes apart at most,
+    sharing the machine's state then (another VM's burst, a frequency step). The median of the
     per-round ratios cancels that shared noise, which the ratio of the two medians does not;
     its quartiles say how stable it was. Both are reported."""
     r = sorted(a / b for a, b in zip(ref_ms, ms))
@@ -279,8 +328,10 @@ def _num(v) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("bundle", help="an export bundle folder, or a vision .onnx file")
-    p.add_argument("--runs", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--runs", type=int, default=50, help="timed runs per block")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="blocks per variant, each in a fresh process (runs x rounds in all)")
+    p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--drift-boards", type=int, default=4)
     p.add_argument("--calibration", default=None, help="calibration folder (default: sample)")
@@ -288,8 +339,11 @@ def main(argv=None) -> int:
     p.add_argument("--profile", type=int, default=0,
                    help="also profile N runs per variant with onnxruntime's profiler (per op)")
     p.add_argument("--out", default="bundles/quant_vision.json")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_time":
+        return _time_one(argv[1:])
     args = p.parse_args(argv)
-    if args.runs < 50:
+    if args.runs * args.rounds < 50:
         print("note: fewer than 50 runs; P95 is rough", file=sys.stderr)
     result = run(args)
     print_table(result)
