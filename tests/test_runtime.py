@@ -211,11 +211,29 @@ def test_runtime_block_of_manifest_used(bundle_copy):
     write_manifest(bundle_copy, m)
     r = OnnxRunner(bundle_copy)
     assert r.threads == 1 and r.providers == ["CPUExecutionProvider"]
+    m["runtime"]["spin_wait"] = "whenever"
+    write_manifest(bundle_copy, m)
+    with pytest.raises(BundleError, match="spin_wait 'whenever'"):
+        OnnxRunner(bundle_copy)
     m["runtime"] = {"engine": "tensorrt", "providers": [], "threads": None}
     write_manifest(bundle_copy, m)
     with pytest.raises(HardwareMismatchError, match="'tensorrt' runtime"):
         OnnxRunner(bundle_copy)
     assert OnnxRunner(bundle_copy, providers=["CPUExecutionProvider"]).sessions
+
+
+def test_spin_wait_becomes_session_config():
+    """The manifest's spin_wait names onnxruntime session config entries; a bundle that does
+    not say gets "during_run" (threads stop spinning when a Run returns)."""
+    from pcbedge.runtimes.onnx_runner import _session_options
+    stop, allow = "session.force_spinning_stop", "session.intra_op.allow_spinning"
+    default = _session_options({}, 1)
+    assert default.get_session_config_entry(stop) == "1"
+    never = _session_options({"spin_wait": "never"}, 1)
+    assert never.get_session_config_entry(allow) == "0"
+    always = _session_options({"spin_wait": "always"}, 1)
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        always.get_session_config_entry(stop)
 
 
 def test_load_runner_dispatch(tmp_path):

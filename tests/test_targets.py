@@ -106,6 +106,7 @@ BAD_FIELDS = [
     ("", "threads", '"2"', ["threads", "'2'", "integer"]),
     ("", "threads", "true", ["threads", "True", "integer"]),
     ("", "latency_budget_ms", "-5", ["latency_budget_ms", "-5", "> 0"]),
+    ("", "spin_wait", '"sometimes"', ["spin_wait", "'sometimes'", "'during_run'"]),
     ("", "providers", '["CUDAExecutionProvider"]', ["providers", "CPUExecutionProvider"]),
     ("", "providers", '["NPUProvider", "CPUExecutionProvider"]', ["providers", "'NPUProvider'"]),
     ("", "colour", '"red"', ["unknown key 'colour'", "latency_budget_ms"]),

@@ -222,7 +222,8 @@ def _finish_onnxruntime(stage: Path, manifest: dict, profile, pruning, say) -> d
     ORT_ENABLE_ALL, whose layout transforms are specific to the machine it runs on)."""
     return {"runtime": {"engine": "onnxruntime", "providers": list(profile.providers),
                         "threads": profile.threads, "inter_op_threads": 1,
-                        "graph_optimization_level": ORT_LEVEL, "execution_mode": "sequential"}}
+                        "graph_optimization_level": ORT_LEVEL, "execution_mode": "sequential",
+                        "spin_wait": profile.spin_wait}}
 
 
 def _finish_tensorrt(stage: Path, manifest: dict, profile, pruning, say) -> dict:
