@@ -6,7 +6,8 @@ loads data behind the caller's back.
 from __future__ import annotations
 
 from pcbedge.calibration.sets import (MIN_BOARDS, CalibrationEntry, CalibrationSet,
-                                      iter_vision_inputs, select_calibration_set)
+                                      iter_vision_inputs, select_calibration_set,
+                                      select_heldout_set)
 
 __all__ = ["MIN_BOARDS", "CalibrationEntry", "CalibrationSet", "iter_vision_inputs",
-           "select_calibration_set"]
+           "select_calibration_set", "select_heldout_set"]

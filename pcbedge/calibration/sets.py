@@ -47,6 +47,7 @@ class CalibrationSet:
     root: Path
     entries: tuple[CalibrationEntry, ...]
     sha256: str
+    list_file: str | None = None   # the list the boards were drawn from (None: the default)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -58,7 +59,8 @@ class CalibrationSet:
 
     def to_manifest(self) -> dict:
         return {"root": str(self.root), "boards": [e.board_id for e in self.entries],
-                "files": self.files, "sha256": self.sha256}
+                "files": self.files, "sha256": self.sha256,
+                **({"list_file": self.list_file} if self.list_file else {})}
 
 
 def select_calibration_set(source: str | Path, n: int = 16, seed: int = 0,
@@ -90,7 +92,25 @@ def select_calibration_set(source: str | Path, n: int = 16, seed: int = 0,
     for e in chosen:
         _check_decodes(e)
     entries = tuple(chosen)
-    return CalibrationSet(root=root, entries=entries, sha256=hash_entries(root, entries))
+    return CalibrationSet(root=root, entries=entries, sha256=hash_entries(root, entries),
+                          list_file=str(list_file) if list_file is not None else None)
+
+
+def select_heldout_set(cal_set: CalibrationSet, n: int, seed: int = 0) -> CalibrationSet:
+    """Up to ``n`` boards of the same source that ``cal_set`` does not hold, drawn at random
+    (not stratified: they should look like the line's boards) under ``seed``. They measure what
+    the quantized graph does on boards its scales were not fitted to (the score bias
+    correction, :mod:`pcbedge.build.score_bias`). May be empty: the caller decides."""
+    taken = {e.board_id for e in cal_set.entries}
+    cands = sorted((e for e in _candidates(cal_set.root, cal_set.list_file)[0]
+                    if e.board_id not in taken), key=lambda e: e.board_id)
+    random.Random(seed).shuffle(cands)
+    chosen = cands[:max(n, 0)]
+    for e in chosen:
+        _check_decodes(e)
+    entries = tuple(chosen)
+    return CalibrationSet(root=cal_set.root, entries=entries,
+                          sha256=hash_entries(cal_set.root, entries), list_file=cal_set.list_file)
 
 
 def iter_vision_inputs(cal_set: CalibrationSet, input_size: int) -> Iterator[dict]:
