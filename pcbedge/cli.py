@@ -78,17 +78,21 @@ def export(model_dir, out_dir, overwrite, no_check) -> None:
               default=Path("bundles/export"), show_default=True, help="Output of pcbedge export.")
 @click.option("--calibration", type=click.Path(path_type=Path),
               help="DeepPCB-layout boards for INT8 calibration (default: the shipped sample).")
+@click.option("--calibration-list", type=click.Path(path_type=Path),
+              help="List file of --calibration's boards to draw from (e.g. the train side).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help="Bundle folder (default: bundles/<target>).")
 @click.option("--keep-ratio", type=float, help="Override the profile's visual-token keep ratio.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty --out.")
-def build(target, export_dir, calibration, out_dir, keep_ratio, overwrite) -> None:
+def build(target, export_dir, calibration, calibration_list, out_dir, keep_ratio,
+          overwrite) -> None:
     """Build a deployable bundle for a target from an export."""
     from pcbedge import api
     from pcbedge.targets import load_target
     load_target(target)  # a wrong target fails here, before the quantizers are imported
     out = api.build_bundle(target, export_dir, out_dir, calibration=calibration,
-                           keep_ratio=keep_ratio, overwrite=overwrite)
+                           calibration_list=calibration_list, keep_ratio=keep_ratio,
+                           overwrite=overwrite)
     click.echo(f"bundle written to {out}")
 
 

@@ -120,6 +120,30 @@ def test_gathers_read_quantized_is_exact(export, cal_set, tmp_path):
                for n in graphs["moved"].node)
 
 
+def test_score_bias_is_recorded_and_skipped_without_heldout_boards(built):
+    """x86-cpu asks for the score bias correction; the sample's calib.txt holds only the 16
+    calibration boards, so the build says it skipped and why, in the manifest."""
+    from pcbedge.targets import load_target
+    assert load_target("x86-cpu").quantization.score_bias_boards > 0
+    rec = read_manifest(built["x86-cpu"])["quantization"]["graphs"]["vision"]["score_bias"]
+    assert rec["applied"] is False and "0 board(s) beyond the 16" in rec["reason"]
+    assert read_manifest(built["x86-cuda"])["quantization"] is None
+
+
+def test_score_bias_applied_with_heldout_boards(export, sample_data, tmp_path):
+    """With trainval.txt the sample has 48 boards beyond the calibration set: the correction
+    runs on them (8 views each) and folds the offset into the heat conv's bias."""
+    out = build_bundle("x86-cpu", export, tmp_path / "b", calibration=sample_data,
+                       calibration_list="trainval.txt", progress=False)
+    m = read_manifest(out)
+    rec = m["quantization"]["graphs"]["vision"]["score_bias"]
+    assert len(rec["boards"]) == 48 and rec["views"] == 48 * 8
+    assert not set(rec["boards"]) & set(m["calibration"]["boards"])
+    assert m["calibration"]["list_file"] == "trainval.txt"
+    assert rec["applied"] is True and rec["matched"] >= 30 and rec["conv"]
+    assert rec["band"][0] < 0.5 < rec["band"][1] and rec["stderr"] > 0
+
+
 def test_softmax_never_quantized(export, tmp_path):
     rng = np.random.default_rng(0)
     m = read_manifest(export)

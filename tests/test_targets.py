@@ -121,6 +121,7 @@ BAD_FIELDS = [
      ["quantization.per_channel", "'yes'", "true or false"]),
     ("quantization", "calibration_method", '"kl"', ["calibration_method", "'kl'", "'entropy'"]),
     ("quantization", "calibration_boards", "0", ["calibration_boards", "= 0"]),
+    ("quantization", "score_bias_boards", "-1", ["score_bias_boards", "integer >= 0"]),
     ("pruning", "method", '"random"', ["pruning.method", "'random'", "'model_prior'"]),
     ("pruning", "keep_ratio", "1.5", ["pruning.keep_ratio", "1.5", "<= 1.0"]),
     ("pruning", "keep", "0.5", ["unknown key 'pruning.keep'", "keep_ratio"]),
@@ -159,6 +160,14 @@ def test_bad_structure_is_refused(tmp_path, mutate, words):
     assert str(path) in str(exc.value)
     for word in words:
         assert word in str(exc.value)
+
+
+def test_score_bias_only_for_an_int8_vision_graph_on_onnxruntime(tmp_path):
+    path = tmp_path / "x86-cuda.toml"
+    text = (TARGETS_DIR / "x86-cuda.toml").read_text()
+    path.write_text(_edit(text, "quantization", "score_bias_boards", "8"))
+    with pytest.raises(TargetError, match="score_bias_boards.*0 unless the vision graph is int8"):
+        load_target(path)
 
 
 def test_name_must_match_the_file_name(tmp_path):

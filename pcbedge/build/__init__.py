@@ -31,13 +31,15 @@ __all__ = ["build_bundle", "read_export"]
 
 def build_bundle(target, export_dir: str | Path = "bundles/export",
                  out_dir: str | Path | None = None, *, calibration: str | Path | None = None,
+                 calibration_list: str | Path | None = None,
                  keep_ratio: float | None = None, overwrite: bool = False,
                  progress: bool = True) -> Path:
     """Build the bundle of ``target`` (a shipped name, a .toml path or a TargetProfile) from the
     FP32 export in ``export_dir`` into ``out_dir`` (default ``bundles/<target>``) and return it.
 
     ``calibration``: a folder of boards for the INT8 scales (default: the embedded sample's
-    calib.txt). ``keep_ratio`` overrides the profile's visual-token keep ratio. An existing,
+    calib.txt); ``calibration_list``: a DeepPCB list file naming the boards of that folder to
+    draw from (e.g. the train side only). ``keep_ratio`` overrides the profile's visual-token keep ratio. An existing,
     non-empty ``out_dir`` is an OutputError unless ``overwrite``.
     """
     from pcbedge.export.atomic import staged_dir
@@ -53,7 +55,7 @@ def build_bundle(target, export_dir: str | Path = "bundles/export",
                           fix="pass another out_dir (default bundles/<target>)")
     _check_supported(profile)
     pruning = pruning_for(profile, keep_ratio)
-    cal_set = calibration_for(profile, calibration)
+    cal_set = calibration_for(profile, calibration, calibration_list)
     say = _reporter(progress)
     say(f"building {profile.name} ({profile.runtime}, vision {profile.precision.vision}, "
         f"decoder {profile.precision.decoder}) from {export_dir}")
@@ -112,19 +114,20 @@ def pruning_for(profile, keep_ratio: float | None):
     return TokenPruningConfig(method=method, keep_ratio=ratio)
 
 
-def calibration_for(profile, calibration):
+def calibration_for(profile, calibration, calibration_list=None):
     """The calibration set of an INT8 build (None when no graph is INT8)."""
     from pcbedge.calibration import select_calibration_set
     from pcbedge.data.deeppcb import find_data_root
 
     int8 = "int8" in (profile.precision.vision, profile.precision.decoder)
     if not int8:
-        if calibration is not None:
+        if calibration is not None or calibration_list is not None:
             raise CalibrationError(f"a calibration folder was given, but target {profile.name} "
                                    "has no INT8 graph", fix="drop --calibration for this target")
         return None
     return select_calibration_set(find_data_root(calibration),
-                                  n=profile.quantization.calibration_boards)
+                                  n=profile.quantization.calibration_boards,
+                                  list_file=calibration_list)
 
 
 def _reporter(progress: bool) -> Callable[[str], None]:
@@ -197,6 +200,7 @@ def quantize_graphs(stage: Path, export_dir: Path, manifest: dict, profile, cal_
     report = quantize_graph(export_dir / rel, stage / rel, config,
                             iter_vision_inputs(cal_set, size))
     say(f"  Q/DQ placement: {summarize(report)}")
+    bias = correct_score_bias(stage / rel, export_dir / rel, manifest, profile, cal_set, say)
     drift = measure_drift(export_dir / rel, stage / rel, _drift_feeds(size))
     det = drift.get("detections")
     say(f"  drift vs fp32 on {DRIFT_BOARDS} bench boards: visual tokens "
@@ -205,8 +209,46 @@ def quantize_graphs(stage: Path, export_dir: Path, manifest: dict, profile, cal_
             if det else ""))
     return {"scheme": config.scheme,
             "graphs": {"vision": {"config": config.to_dict(), "placement": report,
-                                  "drift_vs_fp32": drift}},
+                                  "score_bias": bias, "drift_vs_fp32": drift}},
             "calibration_sha256": cal_set.sha256}
+
+
+def correct_score_bias(graph: Path, reference: Path, manifest: dict, profile, cal_set,
+                       say) -> dict | None:
+    """The INT8 graph's detection scores brought back onto FP32's (pcbedge.build.score_bias),
+    measured on up to ``score_bias_boards`` boards of the calibration source that the scales
+    were not fitted to, in their 8 dihedral views; the manifest's record of it. Too few such
+    boards or matched proposals: no correction, and the build says so."""
+    from pcbedge.build.score_bias import (MIN_MATCHES, decision_band, dihedral_views,
+                                          estimate_score_bias, fold_score_offset)
+    from pcbedge.calibration import MIN_BOARDS, iter_vision_inputs, select_heldout_set
+
+    n = profile.quantization.score_bias_boards
+    if not n:
+        return None
+    held = select_heldout_set(cal_set, n)
+    if len(held) < MIN_BOARDS:
+        reason = (f"the calibration source {cal_set.root} holds {len(held)} board(s) beyond the "
+                  f"{len(cal_set)} calibrated on; the correction needs at least {MIN_BOARDS} "
+                  "(pass --calibration DIR with more boards of the line)")
+        say(f"  score bias correction skipped: {reason}")
+        return {"applied": False, "reason": reason}
+    center = float((manifest.get("answer") or {}).get("grammar", {})
+                   .get("region_prior_center", 0.5))
+    est = estimate_score_bias(reference, graph,
+                              dihedral_views(iter_vision_inputs(held, int(manifest["input_size"]))),
+                              decision_band(center))
+    record = {**est, "boards": [e.board_id for e in held.entries], "sha256": held.sha256}
+    if est["matched"] < MIN_MATCHES:
+        reason = (f"only {est['matched']} proposals in the decision band on {len(held)} boards "
+                  f"(needs {MIN_MATCHES})")
+        say(f"  score bias correction skipped: {reason}")
+        return {**record, "applied": False, "reason": reason}
+    conv = fold_score_offset(graph, est["offset"])
+    say(f"  score bias: int8 scored fp32's proposals {est['offset']:+.4f} logit "
+        f"(+- {est['stderr']:.4f}, {est['matched']} matched, {len(held)} held-out boards x 8 "
+        f"views); subtracted from {conv}'s bias")
+    return {**record, "applied": True, "conv": conv}
 
 
 def _drift_feeds(size: int):

@@ -61,6 +61,7 @@ class QuantizationConfig:
     per_channel: bool
     calibration_method: str
     calibration_boards: int
+    score_bias_boards: int = 0
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,8 @@ SECTIONS: dict[str, tuple[type, dict]] = {
         "decoder_ops": (_list_of(QUANTIZABLE_OPS), ()),
         "per_channel": (_bool, True),
         "calibration_method": (_choice(*CALIBRATION_METHODS), "minmax"),
-        "calibration_boards": (_int(1), 16)}),
+        "calibration_boards": (_int(1), 16),
+        "score_bias_boards": (_int(0, 4096), 0)}),
     "pruning": (PruningConfig, {
         "method": (_choice(*PRUNING_METHODS), REQUIRED),
         "keep_ratio": (_number(0.0, 1.0, lo_open=True), 1.0)}),
@@ -295,6 +297,10 @@ def _check_consistency(src: str, p: TargetProfile) -> None:
             precision = getattr(p.precision, graph)
             raise _fail(src, f"quantization.{graph}_ops", list(ops),
                         f"[] since precision.{graph} is {precision!r}, not 'int8'")
+    if q.score_bias_boards and not (p.precision.vision == "int8" and p.runtime == "onnxruntime"):
+        raise _fail(src, "quantization.score_bias_boards", q.score_bias_boards,
+                    "0 unless the vision graph is int8 on onnxruntime (the correction is "
+                    "measured with onnxruntime's kernels)")
     if q.scheme == "qdq_static" and not (q.vision_ops or q.decoder_ops):
         raise _fail(src, "quantization.scheme", q.scheme,
                     "'none' when no graph is int8")
