@@ -41,7 +41,8 @@ def test_same_inputs_same_hash_and_order(sample_data):
     b = select_calibration_set(sample_data, n=10, seed=3, list_file="trainval.txt")
     assert a.sha256 == b.sha256 and a.to_manifest() == b.to_manifest()
     m = a.to_manifest()
-    assert set(m) == {"root", "boards", "files", "sha256"} and len(m["files"]) == 20
+    assert set(m) == {"root", "boards", "files", "sha256", "list_file"} and len(m["files"]) == 20
+    assert m["list_file"] == "trainval.txt"
     assert all(not Path(f).is_absolute() for f in m["files"])
 
 
