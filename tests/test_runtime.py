@@ -225,7 +225,12 @@ def test_runtime_block_of_manifest_used(bundle_copy):
 def test_spin_wait_becomes_session_config():
     """The manifest's spin_wait names onnxruntime session config entries; a bundle that does
     not say gets "during_run" (threads stop spinning when a Run returns)."""
+    from pcbedge.runtimes import onnx_runner
     from pcbedge.runtimes.onnx_runner import _session_options
+    from pcbedge.targets import profile
+    # the profile's choices are the runner's, one default for both
+    assert set(profile.SPIN_WAITS) == set(onnx_runner.SPIN_WAIT)
+    assert profile.DEFAULT_SPIN_WAIT == onnx_runner.DEFAULT_SPIN_WAIT
     stop, allow = "session.force_spinning_stop", "session.intra_op.allow_spinning"
     default = _session_options({}, 1)
     assert default.get_session_config_entry(stop) == "1"

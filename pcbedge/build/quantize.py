@@ -411,28 +411,19 @@ def measure_drift(reference: str | Path, quantized: str | Path, feeds: Iterable[
     return out
 
 
-def box_iou(a, b):
-    """IoU of every box of ``a`` [N, 4] with every box of ``b`` [M, 4] (x1, y1, x2, y2)."""
-    import numpy as np
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
-    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
-
-
 def match_detections(ref: dict, out: dict, min_score: float):
     """(kept, score diffs, box diffs, total) for the reference proposals scored >= ``min_score``
     (batch item 0): each is matched to the other graph's proposal of highest IoU (int8 may
     reorder TopK); kept when that IoU >= 0.5 and its score >= ``min_score``."""
     import numpy as np
+
+    from pcbedge.benchmarks.metrics import iou_matrix
     rs, rb = ref["region_scores"][0], ref["region_boxes"][0]
     qs, qb = out["region_scores"][0], out["region_boxes"][0]
     live = np.flatnonzero(rs >= min_score)
     if not live.size:
         return 0, [], [], 0
-    ious = box_iou(rb[live], qb)
+    ious = iou_matrix(rb[live], qb)
     best = ious.argmax(1)
     ok = (ious[np.arange(live.size), best] >= 0.5) & (qs[best] >= min_score)
     ds = [float(x) for x in np.abs(qs[best] - rs[live])[ok]]

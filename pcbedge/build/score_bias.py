@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from pcbedge.build.quantize import box_iou
+from pcbedge.benchmarks.metrics import iou_matrix
 from pcbedge.errors import ExportError
 
 MATCH_IOU = 0.5
@@ -73,7 +73,7 @@ def estimate_score_bias(reference: str | Path, quantized: str | Path, feeds: Ite
         live = np.flatnonzero((rs >= lo) & (rs <= hi))
         if not live.size:
             continue
-        iou = box_iou(rb[live], qb)
+        iou = iou_matrix(rb[live], qb)
         best = iou.argmax(1)
         ok = iou[np.arange(live.size), best] >= MATCH_IOU
         diffs += list((_logit(qs[best]) - _logit(rs[live]))[ok])

@@ -23,6 +23,7 @@ else:  # pragma: no cover - Python 3.10 gets the same parser from the tomli back
 RUNTIMES = ("onnxruntime", "tensorrt")
 # when onnxruntime's intra-op threads spin-wait (pcbedge.runtimes.onnx_runner.SPIN_WAIT)
 SPIN_WAITS = ("during_run", "always", "never")
+DEFAULT_SPIN_WAIT = "during_run"
 ARCHS = ("x86_64", "aarch64")
 PRECISIONS = ("fp32", "fp16", "int8")
 SCHEMES = ("qdq_static", "none")
@@ -118,7 +119,7 @@ class TargetProfile:
     tensorrt: TensorRTConfig | None
     latency_budget_ms: float
     gates: GateConfig
-    spin_wait: str = "during_run"
+    spin_wait: str = DEFAULT_SPIN_WAIT
     source: str = ""  # the file it was loaded from, for messages and manifests
 
     def as_dict(self) -> dict:
@@ -194,7 +195,7 @@ TOP_FIELDS = {
     "runtime": (_choice(*RUNTIMES), REQUIRED),
     "providers": (_list_of(PROVIDERS), ()),
     "threads": (_int(1, 256), None),
-    "spin_wait": (_choice(*SPIN_WAITS), "during_run"),
+    "spin_wait": (_choice(*SPIN_WAITS), DEFAULT_SPIN_WAIT),
     "latency_budget_ms": (_number(0, lo_open=True), REQUIRED),
 }
 SECTIONS: dict[str, tuple[type, dict]] = {
