@@ -25,7 +25,7 @@ from pcbedge.api import load_runner
 from pcbedge.benchmarks import workload as wl
 from pcbedge.benchmarks.accuracy import score_detections
 from pcbedge.data.preprocess import read_gray
-from pcbedge.export.manifest import read_manifest
+from pcbedge.bundle.manifest import read_manifest
 
 VIEWS = [(k, flip) for k in range(4) for flip in (False, True)]
 

@@ -31,17 +31,20 @@ from pathlib import Path
 
 import numpy as np
 
-from pcbedge.build.quantize import QuantizationConfig, match_detections, quantize_graph
-from pcbedge.build.report import summarize
-from pcbedge.calibration import iter_vision_inputs, select_calibration_set
+from pcbedge.recipes.configs import StaticInt8Config
+
+from pcbedge.recipes.quantize import match_detections, quantize_graph
+from pcbedge.recipes.report import summarize
+from pcbedge.calibration import select_calibration_set
+from pcbedge.families.pcbvlm.recipe import iter_vision_inputs
 from pcbedge.data.deeppcb import find_data_root, read_list
 from pcbedge.data.preprocess import load_pair
 
-CONV = QuantizationConfig(op_types=("Conv",))                  # narrow convs stay float
-CONV_RELU = QuantizationConfig(op_types=("Conv", "Relu"))
+CONV = StaticInt8Config(op_types=("Conv",))                  # narrow convs stay float
+CONV_RELU = StaticInt8Config(op_types=("Conv", "Relu"))
 ALL = {"min_conv_channels": 0}                                   # every conv int8
 # name -> (quantization config or None for FP32, onnxruntime graph optimisation level)
-VARIANTS: dict[str, tuple[QuantizationConfig | None, str]] = {
+VARIANTS: dict[str, tuple[StaticInt8Config | None, str]] = {
     "fp32": (None, "all"),
     "fp32_extended": (None, "extended"),
     "conv_all": (replace(CONV, **ALL), "all"),

@@ -34,9 +34,9 @@ def build_bundle(root: Path) -> Path:
 
 
 def time_prefill(bundle: Path, side: int, runs: int, warmup: int, threads: int) -> dict:
-    from pcbedge.export.families.qwen_parity import random_board
-    from pcbedge.runtimes import load_runner
-    from pcbedge.runtimes.pruning import TokenPruningConfig
+    from pcbedge.families.qwen_vl.parity import random_board
+    from pcbedge.runtime import load_runner
+    from pcbedge.runtime.pruning import TokenPruningConfig
 
     runner = load_runner(bundle, threads=threads)
     prompt = runner.encode_images(runner.build_prompt(random_board(side, side, 0), QUESTION))

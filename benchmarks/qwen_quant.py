@@ -9,7 +9,7 @@ Variants (each one graph replaced, the others FP32):
   MatMul/Gemm with weight B; activation MatMuls, Softmax, LayerNorm stay float), calibrated on
   a small iterator of board-like images that are not the evaluation images;
 
-(all through :func:`pcbedge.build.qwen.quantize_qwen_bundle`, the library entry point)
+(all through :func:`pcbedge.families.qwen_vl.recipe.quantize_qwen_bundle`, the library entry point)
 * ``decoder_int8_dynamic``: the decoder, ``quantize_dynamic`` (int8 weights, per-row dynamic
   activation scales), MatMul only;
 * ``decoder_int8_static``: the decoder, static QDQ calibrated on prefill and step feeds;
@@ -33,7 +33,7 @@ import numpy as np
 
 QUESTION = "where are the defects on this board?"
 def _variants():
-    from pcbedge.build.qwen import QwenQuantConfig
+    from pcbedge.families.qwen_vl.recipe import QwenQuantConfig
     return {"vision_int8_static": QwenQuantConfig(vision="int8_static", decoder="fp32"),
             "decoder_int8_dynamic": QwenQuantConfig(vision="fp32", decoder="int8_dynamic"),
             "decoder_int8_static": QwenQuantConfig(vision="fp32", decoder="int8_static"),
@@ -54,20 +54,20 @@ def build_bundle(root: Path, size: str) -> Path:
 
 
 def _runner(bundle: Path):
-    from pcbedge.export.manifest import read_manifest
-    from pcbedge.runtimes.qwen_runner import QwenRunner
+    from pcbedge.bundle.manifest import read_manifest
+    from pcbedge.families.qwen_vl.runner import QwenRunner
     return QwenRunner.from_manifest(bundle, read_manifest(bundle), threads=2)
 
 
 def _boards(n: int, side: int, seed: int) -> list:
-    from pcbedge.export.families.qwen_parity import random_board
+    from pcbedge.families.qwen_vl.parity import random_board
     return [random_board(side, side, seed + i) for i in range(n)]
 
 
 def quantize_variants(bundle: Path, work: Path, calib_images) -> dict[str, Path]:
     """{variant: bundle folder}, each quantized by :func:`quantize_qwen_bundle` with one graph
     quantized and the other FP32."""
-    from pcbedge.build.qwen import quantize_qwen_bundle
+    from pcbedge.families.qwen_vl.recipe import quantize_qwen_bundle
 
     out = {}
     for name, cfg in _variants().items():

@@ -128,11 +128,11 @@ def summarize(raw: dict, args: argparse.Namespace, runner) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from pcbedge.errors import PcbEdgeError
-    from pcbedge.export.atomic import atomic_write_json
-    from pcbedge.runtimes.onnx_runner import OnnxRunner
+    from pcbedge.bundle.atomic import atomic_write_json
+    from pcbedge.families.pcbvlm.runner import PcbVlmOnnxRunner
 
     try:
-        runner = OnnxRunner(args.bundle, threads=args.threads)
+        runner = PcbVlmOnnxRunner(args.bundle, threads=args.threads)
     except PcbEdgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

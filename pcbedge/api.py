@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "pcbvlm" / "reference"
+# the shipped reference model (pcbedge.families.pcbvlm.REFERENCE, without importing the family)
+DEFAULT_MODEL = Path(__file__).resolve().parent / "families" / "pcbvlm" / "reference"
 
 
 def export_model(model_dir: str | Path | None = None, out_dir: str | Path = "bundles/export",
@@ -21,7 +22,7 @@ def export_model(model_dir: str | Path | None = None, out_dir: str | Path = "bun
 def build_bundle(target: str, export_dir: str | Path = "bundles/export",
                  out_dir: str | Path | None = None, **kwargs) -> Path:
     """Apply a target profile's recipe (INT8, pruning, engine or session options) to an export."""
-    from pcbedge.build import build_bundle as _build
+    from pcbedge.recipes.build import build_bundle as _build
     return _build(target, export_dir, out_dir, **kwargs)
 
 
@@ -33,13 +34,13 @@ def run_benchmark(bundle: str | Path, **kwargs) -> dict:
 
 def load_runner(path: str | Path | None = None, **kwargs):
     """A runner for a bundle (ONNX Runtime, no torch) or a model folder (PyTorch reference)."""
-    from pcbedge.runtimes import load_runner as _load
+    from pcbedge.runtime import load_runner as _load
     return _load(path or DEFAULT_MODEL, **kwargs)
 
 
 def finetune(data_dir: str | Path, out_dir: str | Path, **kwargs):
     """Train the reference PCB VLM from scratch on a DeepPCB-layout trainval split."""
-    from pcbedge.models.pcbvlm.train import FinetuneConfig, finetune as _finetune
+    from pcbedge.families.pcbvlm.model.train import FinetuneConfig, finetune as _finetune
     return _finetune(data_dir, out_dir, FinetuneConfig(**kwargs))
 
 

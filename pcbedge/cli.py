@@ -152,7 +152,7 @@ def _failed_gates(report: dict) -> str:
               help="PyTorch model folder, used when no BUNDLE is given.")
 @click.option("--image", type=click.Path(path_type=Path), help="The board (test) image.")
 @click.option("--template", type=click.Path(path_type=Path),
-              help="The golden template image (optional for Qwen-VL bundles).")
+              help="The golden template image (optional for families that can read the board alone).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full answer JSON.")
 @click.option("--show", type=click.Path(path_type=Path),
               help="Write the board image with the answer's boxes drawn (e.g. out.png).")
@@ -217,7 +217,7 @@ def _split_ask_args(args: tuple[str, ...]) -> tuple[Path | None, str | None]:
 def _check_single_ask(image, template, question, out) -> None:
     if out is not None:
         raise click.UsageError("--out goes with --batch; use --show to save a drawn answer")
-    if image is None:   # --template is optional for runners that say so (Qwen-VL bundles)
+    if image is None:   # --template is optional for runners that say so
         raise click.UsageError("pass --image and --template (or --batch IN.jsonl --out OUT.jsonl)")
     if question is None:
         raise click.UsageError("missing QUESTION, e.g. 'where are the shorts?'")
@@ -333,7 +333,7 @@ def draw_answer(image: Path, ans: dict, out: Path, fmt: str = "PNG") -> None:
         color = TYPE_COLORS.get(d["type"], (255, 0, 0))
         x1, y1, x2, y2 = d["bbox"]
         draw.rectangle([x1, y1, x2, y2], outline=color, width=width)
-        conf = d.get("confidence")   # None where the model gives no confidence (Qwen-VL)
+        conf = d.get("confidence")   # None where the family gives no confidence
         label = d["type"] if conf is None else f"{d['type']} {conf:.2f}"
         box = draw.textbbox((x1, y1), label, font=font)
         ty = y1 - (box[3] - box[1]) - 2 if y1 - (box[3] - box[1]) - 2 >= 0 else y2 + 2

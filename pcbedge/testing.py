@@ -16,9 +16,9 @@ def tiny_pcbvlm_model(*, input_size: int = 128, seed: int = 0, num_regions: int 
     import torch
 
     from pcbedge.data.qa import vocabulary_corpus
-    from pcbedge.models.pcbvlm.config import PcbVlmConfig, TextConfig, VisionConfig
-    from pcbedge.models.pcbvlm.model import PcbVlm
-    from pcbedge.models.pcbvlm.tokenizer import build_tokenizer
+    from pcbedge.families.pcbvlm.model.config import PcbVlmConfig, TextConfig, VisionConfig
+    from pcbedge.families.pcbvlm.model.model import PcbVlm
+    from pcbedge.families.pcbvlm.tokenizer import build_tokenizer
 
     torch.manual_seed(seed)
     tok = build_tokenizer(vocabulary_corpus(), num_regions)
@@ -176,14 +176,18 @@ def tiny_qwen2_vl_model(variant: str = "qwen2_vl", *, hidden: int = 64, layers: 
 
 
 def tiny_qwen2_vl(tmp_path: str | Path, variant: str = "qwen2_vl", *, name: str | None = None,
-                  **model_kwargs) -> Path:
+                  chat_template: str | None = None, **model_kwargs) -> Path:
     """Save a tiny random Qwen2(.5)-VL in the Hugging Face layout (config.json,
-    model.safetensors, tokenizer.json, preprocessor_config.json) and return the folder."""
+    model.safetensors, tokenizer.json, preprocessor_config.json, chat_template.jinja) and return
+    the folder. ``chat_template``: the template it was "fine-tuned" with (default: Qwen2-VL's)."""
     import json
+
+    from pcbedge.families.qwen_vl.templates import QWEN2_VL_TEMPLATE
 
     out = Path(tmp_path) / (name or f"tiny-{variant}")
     model, tok = tiny_qwen2_vl_model(variant, **model_kwargs)
     model.save_pretrained(out, safe_serialization=True)
     tok.save(str(out / "tokenizer.json"))
     (out / "preprocessor_config.json").write_text(json.dumps(QWEN_PREPROCESSOR, indent=2))
+    (out / "chat_template.jinja").write_text(chat_template or QWEN2_VL_TEMPLATE)
     return out

@@ -50,7 +50,7 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def built(tiny, tmp_path_factory) -> Path:
     """The tiny export built for x86-cpu (INT8 vision, pruning): a bundle with a target block."""
-    from pcbedge.build import build_bundle
+    from pcbedge.recipes.build import build_bundle
     return build_bundle("x86-cpu", tiny[1], tmp_path_factory.mktemp("bad-inputs") / "x86-cpu",
                         progress=False)
 
@@ -312,7 +312,7 @@ def _(env):
 # bundles ----------------------------------------------------------------------------------------
 
 def edit_manifest(bundle: Path, edit: Callable[[dict], None], rehash: bool = False) -> Path:
-    from pcbedge.export.manifest import list_files
+    from pcbedge.bundle.manifest import list_files
     path = bundle / "manifest.json"
     m = json.loads(path.read_text())
     edit(m)

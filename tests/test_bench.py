@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from pcbedge.runtime.protocol import Encoded, Prepared, Runner
 from pcbedge.benchmarks import accuracy as acc
 from pcbedge.benchmarks import gates as gates_mod
 from pcbedge.benchmarks.harness import run_benchmark
@@ -135,7 +136,7 @@ def test_bench_against_itself_has_no_drift(tiny_bundle, tmp_path):
 
 def test_bench_a_built_bundle_with_its_profile_gates(tiny_bundle, tmp_path):
     """A real x86-cpu build: limits from its profile, the FP32 export found via its manifest."""
-    from pcbedge.build import build_bundle
+    from pcbedge.recipes.build import build_bundle
 
     built = build_bundle("x86-cpu", tiny_bundle, tmp_path / "x86-cpu", progress=False)
     try:  # a random model's int8 drift may well miss a gate; the limits are what is checked
@@ -215,7 +216,7 @@ def test_bench_of_a_bundle_never_imports_torch(tiny_bundle, tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == "NO-TORCH"
 
 
-class OracleRunner:
+class OracleRunner(Runner):
     """A stub runner that answers every bench question from the DeepPCB annotations, so every
     accuracy figure of the harness must come out perfect (checks the scoring end to end)."""
 
@@ -230,20 +231,24 @@ class OracleRunner:
             for q in workload.board_queries(i):
                 self.truth[(x.tobytes(), q.qa.question)] = (b, q.qa)
 
-    def encode(self, x):
-        return x.tobytes()
+    def prepare(self, image, template=None):
+        from pcbedge.data.preprocess import load_pair, prepare_pair
+        if isinstance(image, (str, Path)):
+            return Prepared(*load_pair(image, template, self.input_size))
+        return Prepared(*prepare_pair(image, template, self.input_size, ("a", "b")))
 
-    def answer_encoded(self, enc, question, meta=None, **kw):
-        board, qa = self.truth[(enc, question)]
+    def encode(self, prepared):
+        return Encoded(prepared.inputs.tobytes(), prepared)
+
+    def answer(self, enc, question, **kw):
+        board, qa = self.truth[(enc.outputs, question)]
         defects = [{"type": d.type, "bbox": list(d.bbox), "confidence": 0.9, "region": k}
                    for k, d in enumerate(board.defects) if qa.filter in (None, d.type)]
         return {"answer": "oracle", "intent": qa.kind, "filter": qa.filter or "all",
                 "count": len(defects), "defects": defects, "complete": True}
 
     def ask(self, test_path, template_path, question, **kw):
-        from pcbedge.data.preprocess import load_pair
-        x, meta = load_pair(test_path, template_path, self.input_size)
-        return {**self.answer_encoded(self.encode(x), question, meta),
+        return {**self.answer(self.encode(self.prepare(test_path, template_path)), question),
                 "latency_ms": {"preprocess": 1.0, "vision": 1.0, "prefill": 1.0, "decode": 1.0,
                                "total": 4.0}}
 

@@ -11,14 +11,16 @@ import onnx
 import pytest
 import torch
 
-import pcbedge.build as build_mod
-from pcbedge.build import build_bundle
-from pcbedge.build.quantize import QuantizationConfig, quantize_graph
-from pcbedge.build.report import qdq_report
-from pcbedge.build.tensorrt import ENGINES_DEFERRED, import_tensorrt
-from pcbedge.calibration import iter_vision_inputs, select_calibration_set
+import pcbedge.recipes.build as build_mod
+from pcbedge.recipes.build import build_bundle
+from pcbedge.recipes.configs import StaticInt8Config
+from pcbedge.recipes.quantize import quantize_graph
+from pcbedge.recipes.report import qdq_report
+from pcbedge.recipes.tensorrt import ENGINES_DEFERRED, import_tensorrt
+from pcbedge.calibration import select_calibration_set
+from pcbedge.families.pcbvlm.recipe import iter_vision_inputs
 from pcbedge.errors import BundleError, CalibrationError, OutputError, TargetError
-from pcbedge.export.manifest import read_manifest, sha256_file, verify_files
+from pcbedge.bundle.manifest import read_manifest, sha256_file, verify_files
 from pcbedge.targets import list_targets
 from pcbedge.testing import tiny_bundle
 
@@ -46,7 +48,7 @@ def built(export, tmp_path_factory) -> dict[str, Path]:
 # --- Q/DQ placement -----------------------------------------------------------------------------
 
 def test_vision_qdq_sits_on_convs_only(export, cal_set, tmp_path):
-    cfg = QuantizationConfig(op_types=("Conv",))
+    cfg = StaticInt8Config(op_types=("Conv",))
     rep = quantize_graph(export / "vision.onnx", tmp_path / "v8.onnx", cfg,
                          iter_vision_inputs(cal_set, 128))
     assert rep["calibration_samples"] == 16
@@ -75,8 +77,8 @@ def test_vision_qdq_sits_on_convs_only(export, cal_set, tmp_path):
 
 def test_shape_reads_skip_qdq_is_exact(export, cal_set, tmp_path):
     import onnxruntime as ort
-    from pcbedge.build import quantize as q
-    cfg = QuantizationConfig(op_types=("Conv",))
+    from pcbedge.recipes.build import quantize as q
+    cfg = StaticInt8Config(op_types=("Conv",))
     outs = {}
     for name, reroute in (("plain", lambda m: 0), ("rerouted", q.shape_reads_skip_qdq)):
         with pytest.MonkeyPatch.context() as mp:
@@ -94,7 +96,7 @@ def test_gathers_read_quantized_is_exact(export, cal_set, tmp_path):
     """The region features are gathered from the int8 stride-4 map and only the gathered
     values dequantized: same outputs bit for bit, and no full-map DequantizeLinear left."""
     import onnxruntime as ort
-    cfg = QuantizationConfig(op_types=("Conv", "Relu"))
+    cfg = StaticInt8Config(op_types=("Conv", "Relu"))
     outs, graphs = {}, {}
     for name, on in (("plain", False), ("moved", True)):
         quantize_graph(export / "vision.onnx", tmp_path / f"{name}.onnx",
@@ -152,7 +154,7 @@ def test_softmax_never_quantized(export, tmp_path):
     feeds = ({"visual_tokens": rng.standard_normal((1, 16, d)).astype(np.float32),
               "region_tokens": rng.standard_normal((1, k, d)).astype(np.float32),
               "input_ids": rng.integers(0, 100, (1, 7)).astype(np.int64)} for _ in range(4))
-    cfg = QuantizationConfig(op_types=("MatMul", "Gemm"))
+    cfg = StaticInt8Config(op_types=("MatMul", "Gemm"))
     rep = quantize_graph(export / "decoder_prefill.onnx", tmp_path / "p8.onnx", cfg, feeds)
     softmax = [f for f in rep["float_nodes"] if f["op_type"] == "Softmax"]
     assert softmax and all(not f["dq_inputs"] and not f["q_output"] for f in softmax)
@@ -166,14 +168,14 @@ def test_softmax_never_quantized(export, tmp_path):
 
 def test_softmax_in_op_list_is_refused():
     with pytest.raises(TargetError, match="Softmax"):
-        QuantizationConfig(op_types=("MatMul", "Softmax"))
+        StaticInt8Config(op_types=("MatMul", "Softmax"))
     with pytest.raises(TargetError, match="calibration_method"):
-        QuantizationConfig(calibration_method="kl")
+        StaticInt8Config(calibration_method="kl")
 
 
 def test_empty_calibration_iterator(export, tmp_path):
     with pytest.raises(CalibrationError, match="got no input"):
-        quantize_graph(export / "vision.onnx", tmp_path / "x.onnx", QuantizationConfig(), iter(()))
+        quantize_graph(export / "vision.onnx", tmp_path / "x.onnx", StaticInt8Config(), iter(()))
 
 
 # --- build_bundle over every shipped target (a coverage test: a new profile is tested too) -----
@@ -210,18 +212,18 @@ def test_build_every_target(target, built, export):
 def test_ort_bundle_loads_and_answers(target, built, sample_data, monkeypatch):
     import platform
 
-    from pcbedge.build.tensorrt import host_arch
+    from pcbedge.recipes.tensorrt import host_arch
     from pcbedge.errors import HardwareMismatchError
-    from pcbedge.runtimes.onnx_runner import OnnxRunner
+    from pcbedge.families.pcbvlm.runner import PcbVlmOnnxRunner
 
     m = read_manifest(built[target])
     providers = ["CPUExecutionProvider"]   # a CUDA target's graphs also run on the CPU here
     if m["target"]["arch"] != host_arch():
         with pytest.raises(HardwareMismatchError, match=m["target"]["arch"]):
-            OnnxRunner(built[target], providers=providers, threads=1)
+            PcbVlmOnnxRunner(built[target], providers=providers, threads=1)
         # the graphs themselves are portable ONNX: pretend to be the target to run them
         monkeypatch.setattr(platform, "machine", lambda: m["target"]["arch"])
-    runner = OnnxRunner(built[target], providers=providers, threads=1)
+    runner = PcbVlmOnnxRunner(built[target], providers=providers, threads=1)
     board = (sample_data / "bench.txt").read_text().split()[0]
     stem = sample_data / Path(board).with_suffix("")
     ans = runner.ask(f"{stem}_test.jpg", f"{stem}_temp.jpg", "where are the defects?",

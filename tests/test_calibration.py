@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pcbedge.calibration import (CalibrationSet, iter_vision_inputs, select_calibration_set)
+from pcbedge.calibration import CalibrationSet, select_calibration_set
+from pcbedge.families.pcbvlm.recipe import iter_vision_inputs
 from pcbedge.data.deeppcb import DEFECT_TYPES
 from pcbedge.errors import CalibrationError
 

@@ -16,8 +16,9 @@ import torch
 from pcbedge.errors import ExportError, ModelError, OutputError
 from pcbedge.export import exporter
 from pcbedge.export.exporter import export_model
-from pcbedge.export.families import get_family
-from pcbedge.export.manifest import GRAPH_ROLES, SCHEMA_VERSION, read_manifest, sha256_file
+from pcbedge.families import get_family
+from pcbedge.bundle.manifest import SCHEMA_VERSION, read_manifest, sha256_file
+from pcbedge.families import get_family
 from pcbedge.testing import random_pair_input, tiny_bundle, tiny_pcbvlm
 
 torch.set_num_threads(1)
@@ -31,7 +32,7 @@ def exported(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(exported):
-    from pcbedge.models.pcbvlm.model import PcbVlm
+    from pcbedge.families.pcbvlm.model.model import PcbVlm
     return PcbVlm.from_pretrained(exported[0])
 
 
@@ -66,7 +67,7 @@ def test_graph_io_matches_manifest_and_checker(exported):
     import onnx
     _, bundle = exported
     m = read_manifest(bundle)
-    assert tuple(m["graphs"]) == GRAPH_ROLES
+    assert tuple(m["graphs"]) == get_family("pcbvlm").graph_roles
     for role, g in m["graphs"].items():
         proto = onnx.load(str(bundle / g["file"]))
         onnx.checker.check_model(proto, full_check=True)
@@ -144,15 +145,15 @@ def test_kv_cache_matches_full_recompute_onnx(exported, model):
 
 
 def test_onnx_answers_match_torch(exported, model):
-    from pcbedge.runtimes.onnx_runner import OnnxRunner
-    runner = OnnxRunner(exported[1])
+    from pcbedge.families.pcbvlm.runner import PcbVlmOnnxRunner
+    runner = PcbVlmOnnxRunner(exported[1])
     questions = ("where are the defects?", "how many spurs?", "is there a short?", "tell me a joke")
     for seed in range(3):
         x = random_pair_input(128, seed=10 + seed)
         enc = runner.encode(x)
         for q in questions:
             ref = model.answer(x, q)
-            got = runner.answer_encoded(enc, q)
+            got = runner.answer(enc, q)
             assert got["token_ids"] == ref["token_ids"], (seed, q)
             assert got["raw"] == ref["raw"]
             assert {k: got[k] for k in ("answer", "intent", "filter", "count", "defects",
@@ -161,7 +162,7 @@ def test_onnx_answers_match_torch(exported, model):
 
 
 def test_parity_raises_past_tolerance(exported, model):
-    from pcbedge.export.parity import check_parity
+    from pcbedge.families.pcbvlm.parity import check_parity
     _, bundle = exported
     m = read_manifest(bundle)
     with pytest.raises(ExportError, match="disagree with PyTorch"):
@@ -275,7 +276,7 @@ def test_sigkill_mid_export_leaves_no_manifest(tmp_path):
 
 
 def test_overwrite_replaces_atomically(tmp_path):
-    from pcbedge.export.atomic import staged_dir
+    from pcbedge.bundle.atomic import staged_dir
     out = tmp_path / "bundle"
     out.mkdir()
     (out / "old.txt").write_text("old")
@@ -293,7 +294,7 @@ def test_overwrite_replaces_atomically(tmp_path):
 
 
 def test_parity_tolerates_topk_tie_order_only():
-    from pcbedge.export.parity import align_ties
+    from pcbedge.families.pcbvlm.parity import align_ties
     ref = {"s": np.array([[0.9, 0.5, 0.5 - 1e-7, 0.1]], np.float32),
            "box": np.arange(16, dtype=np.float32).reshape(1, 4, 4)}
     got = {"s": ref["s"].copy(), "box": ref["box"][:, [0, 2, 1, 3]].copy()}   # tie swapped
@@ -309,8 +310,8 @@ def test_flip_average_exports_and_matches_torch(tmp_path):
     parity check passes and the ONNX answers equal the PyTorch ones."""
     from dataclasses import replace
 
-    from pcbedge.models.pcbvlm.model import PcbVlm
-    from pcbedge.runtimes.onnx_runner import OnnxRunner
+    from pcbedge.families.pcbvlm.model.model import PcbVlm
+    from pcbedge.families.pcbvlm.runner import PcbVlmOnnxRunner
     from pcbedge.testing import tiny_pcbvlm_model
     m = tiny_pcbvlm_model()
     m.cfg = replace(m.cfg, vision=replace(m.cfg.vision, flip_average=True))
@@ -327,10 +328,10 @@ def test_flip_average_exports_and_matches_torch(tmp_path):
         torch.testing.assert_close(torch.sigmoid(avg), want, atol=1e-5, rtol=1e-4)
         assert not torch.allclose(torch.sigmoid(h0), want, atol=1e-3)
     export_model(tmp_path / "m", tmp_path / "b")
-    runner = OnnxRunner(tmp_path / "b")
+    runner = PcbVlmOnnxRunner(tmp_path / "b")
     for seed in range(2):
         xs = random_pair_input(128, seed=20 + seed)
         enc = runner.encode(xs)
         for q in ("where are the defects?", "how many spurs?"):
-            ref, got = model.answer(xs, q), runner.answer_encoded(enc, q)
+            ref, got = model.answer(xs, q), runner.answer(enc, q)
             assert got["token_ids"] == ref["token_ids"] and got["defects"] == ref["defects"]

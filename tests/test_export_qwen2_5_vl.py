@@ -8,8 +8,8 @@ import pytest
 pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
-from pcbedge.export.families.qwen2_vl import VisionGraph, vision_feeds  # noqa: E402
-from pcbedge.runtimes import qwen_preprocess as qp  # noqa: E402
+from pcbedge.families.qwen_vl.export import VisionGraph, vision_feeds  # noqa: E402
+from pcbedge.families.qwen_vl import preprocess as qp  # noqa: E402
 from pcbedge.testing import tiny_qwen2_vl_model  # noqa: E402
 
 GRIDS = ([(1, 4, 6)], [(1, 8, 8), (1, 4, 6)], [(1, 12, 16)], [(1, 2, 2)])

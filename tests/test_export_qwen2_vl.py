@@ -12,11 +12,11 @@ torch = pytest.importorskip("torch")
 
 from pcbedge.errors import BundleError, InputImageError, TargetError  # noqa: E402
 from pcbedge.export.exporter import export_model  # noqa: E402
-from pcbedge.export.families import get_family  # noqa: E402
-from pcbedge.export.families.qwen_parity import random_board  # noqa: E402
-from pcbedge.export.manifest import read_manifest, sha256_file  # noqa: E402
-from pcbedge.runtimes import load_runner  # noqa: E402
-from pcbedge.runtimes import qwen_preprocess as qp  # noqa: E402
+from pcbedge.families import get_family  # noqa: E402
+from pcbedge.families.qwen_vl.parity import random_board  # noqa: E402
+from pcbedge.bundle.manifest import read_manifest, sha256_file  # noqa: E402
+from pcbedge.runtime import load_runner  # noqa: E402
+from pcbedge.families.qwen_vl import preprocess as qp  # noqa: E402
 from pcbedge.testing import QWEN_PREPROCESSOR, tiny_qwen2_vl  # noqa: E402
 
 torch.set_num_threads(1)
@@ -42,22 +42,30 @@ def runner(exported):
     return load_runner(exported[3], threads=1)
 
 
-def _reference_ids(model, prompt, n=NEW_TOKENS):
-    ids = torch.tensor([prompt.input_ids])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             pixel_values=torch.from_numpy(prompt.pixel_values),
-                             image_grid_thw=torch.tensor(prompt.grids), max_new_tokens=n,
-                             do_sample=False)
-    return out[0, ids.shape[1]:].tolist()
+def _reference_ids(model, ids, enc, n=NEW_TOKENS):
+    from pcbedge.families.qwen_vl.export import generate_reference
+    return generate_reference(model, ids, enc.prepared.inputs, n)
+
+
+def _encode(runner, img, question=Q, template=None):
+    """(encoded images, prompt ids) of one question."""
+    enc = runner.encode(runner.prepare(img, template))
+    return enc, runner.prompt(question, enc.prepared.inputs)
+
+
+def _positions(runner, ids, enc):
+    return qp.rope_index(ids, enc.prepared.inputs.grids, image_token_id=runner.image_token_id,
+                         merge=runner.recipe.merge_size)
 
 
 def test_bundle_layout_and_manifest(exported):
     family, _, model_dir, bundle = exported
     m = read_manifest(bundle)
     assert sorted(p.name for p in bundle.iterdir()) == [
-        "decoder.onnx", "embed.onnx", "manifest.json", "tokenizer.json", "vision.onnx"]
-    assert m["family"] == family.name and m["runner"] == "qwen2-vl"
+        "chat_template.jinja", "decoder.onnx", "embed.onnx", "manifest.json", "tokenizer.json",
+        "vision.onnx"]
+    assert m["family"] == family.name and m["assets"] == {"chat_template": "chat_template.jinja"}
+    assert m["graph_groups"] == {"vision": ["vision"], "decoder": ["decoder"]}
     assert tuple(m["graphs"]) == ("vision", "embed", "decoder")
     assert all(g["exporter"] == "dynamo" and g["opset"] >= 18 for g in m["graphs"].values())
     assert m["source_model"]["sha256"] == sha256_file(model_dir / "model.safetensors")
@@ -97,42 +105,44 @@ def test_positions_equal_get_rope_index(exported, runner, template):
     _, model, _, _ = exported
     for size in SIZES:
         img = random_board(*size, seed=1)
-        prompt = runner.build_prompt(img, Q, img[::-1].copy() if template else None)
+        enc, ids = _encode(runner, img, Q, img[::-1].copy() if template else None)
+        grids = enc.prepared.inputs.grids
         with torch.no_grad():
-            ref, _ = model.model.get_rope_index(torch.tensor([prompt.input_ids]),
-                                                image_grid_thw=torch.tensor(prompt.grids))
-        np.testing.assert_array_equal(runner.positions(prompt), ref[:, 0].numpy())
+            ref, _ = model.model.get_rope_index(torch.tensor([ids]),
+                                                image_grid_thw=torch.tensor(grids))
+        np.testing.assert_array_equal(_positions(runner, ids, enc), ref[:, 0].numpy())
 
 
 def test_graphs_match_pytorch(exported, runner):
     family, model, _, _ = exported
     img = random_board(112, 112, seed=3)
-    prompt = runner.encode_images(runner.build_prompt(img, Q, random_board(*SIZES[0], seed=4)))
-    ref = family.reference(model, "vision", {"pixel_values": prompt.pixel_values,
-                                             "grid_thw": np.asarray(prompt.grids)})
-    np.testing.assert_allclose(np.concatenate(prompt.image_embeds), ref["image_embeds"],
+    enc, prompt_ids = _encode(runner, img, Q, random_board(*SIZES[0], seed=4))
+    images = enc.prepared.inputs
+    ref = family.reference(model, "vision", {"pixel_values": images.pixel_values,
+                                             "grid_thw": np.asarray(images.grids)})
+    np.testing.assert_allclose(np.concatenate(enc.outputs), ref["image_embeds"],
                                atol=1e-5, rtol=1e-4)
-    ids = torch.tensor([prompt.input_ids])
+    ids = torch.tensor([prompt_ids])
     with torch.no_grad():
-        logits = model(input_ids=ids, pixel_values=torch.from_numpy(prompt.pixel_values),
-                       image_grid_thw=torch.tensor(prompt.grids)).logits[0, -1].numpy()
-    embeds, pos, _, _ = runner.prefill_inputs(prompt, runner.pruning)
+        logits = model(input_ids=ids, pixel_values=torch.from_numpy(images.pixel_values),
+                       image_grid_thw=torch.tensor(images.grids)).logits[0, -1].numpy()
+    embeds, pos, _, _ = runner.prefill_inputs(prompt_ids, enc, runner.pruning)
     got, present = runner.sessions["decoder"].run(
         None, {"inputs_embeds": embeds, "position_ids": pos,
                "past": np.zeros(runner.kv_shape, np.float32)})
     np.testing.assert_allclose(got[0], logits, atol=1e-4, rtol=1e-3)
-    assert present.shape[4] == len(prompt.input_ids)
+    assert present.shape[4] == len(prompt_ids)
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("size", SIZES)
 def test_greedy_generation_equals_transformers(exported, runner, size, use_cache):
     _, model, _, _ = exported
-    prompt = runner.encode_images(runner.build_prompt(random_board(*size, seed=5), Q))
-    got = runner.generate(prompt, max_new_tokens=NEW_TOKENS, use_cache=use_cache)
+    enc, ids = _encode(runner, random_board(*size, seed=5))
+    got = runner.generate(ids, enc, max_new_tokens=NEW_TOKENS, use_cache=use_cache)
     # the reference is always transformers' cached generate: without a cache it re-reads the
     # whole sequence each step and breaks when a random model emits <|image_pad|> itself
-    ref = _reference_ids(model, prompt)
+    ref = _reference_ids(model, ids, enc)
     assert got["token_ids"] == ref
     assert len(ref) >= 20
 
@@ -150,19 +160,19 @@ def test_ask_answer_json(runner):
 
 
 def test_pruning_keeps_positions_and_shortens_prefill(runner):
-    prompt = runner.encode_images(runner.build_prompt(random_board(112, 112, seed=7), Q))
-    full = runner.positions(prompt)
+    enc, ids = _encode(runner, random_board(112, 112, seed=7))
+    full = _positions(runner, ids, enc)
     cfg = {"method": "feature_norm", "keep_ratio": 0.5, "min_tokens": 1}
-    embeds, pos, nxt, keep = runner.prefill_inputs(prompt, runner.pruning.__class__(**cfg))
-    image = np.asarray(prompt.input_ids) == runner.image_token_id
+    embeds, pos, nxt, keep = runner.prefill_inputs(ids, enc, runner.pruning.__class__(**cfg))
+    image = np.asarray(ids) == runner.image_token_id
     assert image.sum() == 16 and (keep & image).sum() == 8 and keep[~image].all()
     np.testing.assert_array_equal(pos[:, 0], full[:, keep])
-    assert embeds.shape[1] == len(prompt.input_ids) - 8 and nxt == full.max() + 1
+    assert embeds.shape[1] == len(ids) - 8 and nxt == full.max() + 1
     kept = keep[image]
-    norms = np.linalg.norm(prompt.image_embeds[0], axis=-1)
+    norms = np.linalg.norm(enc.outputs[0], axis=-1)
     assert norms[kept].min() >= norms[~kept].max()
-    ans = runner.generate(prompt, max_new_tokens=8, pruning=cfg)
-    assert ans["prefill_len"] == len(prompt.input_ids) - 8 and len(ans["token_ids"]) >= 1
+    ans = runner.generate(ids, enc, max_new_tokens=8, pruning=cfg)
+    assert ans["prefill_len"] == len(ids) - 8 and len(ans["token_ids"]) >= 1
     assert ans["visual_tokens_kept"] == 8 and ans["visual_tokens_total"] == 16
 
 
@@ -177,14 +187,17 @@ def test_template_diff_pruning(runner):
         runner.ask(img, None, Q, max_new_tokens=2, pruning=cfg)
 
 
-def test_unknown_runner_is_refused(exported, tmp_path):
+def test_unknown_answer_parser_is_refused(exported, tmp_path):
     import shutil
+
+    from pcbedge.bundle.manifest import list_files
     bundle = tmp_path / "b"
     shutil.copytree(exported[3], bundle)
     m = json.loads((bundle / "manifest.json").read_text())
-    m["runner"] = "qwen9"
+    m["answer"]["parser"] = "qwen9"
+    m["files"] = list_files(bundle)
     (bundle / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(BundleError, match="runner 'qwen9'"):
+    with pytest.raises(BundleError, match="parser 'qwen9'"):
         load_runner(bundle)
 
 
@@ -203,33 +216,6 @@ def test_cli_ask_without_template(exported, tmp_path):
     assert len(ans["token_ids"]) <= 5 and "raw" in ans and (tmp_path / "o.png").is_file()
 
 
-def test_quantized_bundle(exported, tmp_path):
-    from pcbedge.build import read_export
-    from pcbedge.build.qwen import QwenQuantConfig, quantize_qwen_bundle
-    from pcbedge.errors import CalibrationError
-    from pcbedge.export.manifest import verify_files
-
-    bundle = exported[3]
-    with pytest.raises(BundleError, match="qwen_quant"):
-        read_export(bundle)                          # pcbedge build points to the right tool
-    with pytest.raises(TargetError, match="int3"):
-        QwenQuantConfig(decoder="int3")
-    with pytest.raises(CalibrationError, match="no calibration image"):
-        quantize_qwen_bundle(bundle, tmp_path / "q0", QwenQuantConfig())
-    images = [random_board(56, 84, seed=20 + i) for i in range(2)]
-    out = quantize_qwen_bundle(bundle, tmp_path / "q", QwenQuantConfig(), calibration=images)
-    m = read_manifest(out)
-    verify_files(out, m)
-    assert m["precision"] == {"vision": "int8", "decoder": "int4-weight"}
-    q = m["quantization"]["graphs"]
-    assert q["vision"]["quantized_ops"] > 0 and q["decoder"]["block_size"] == 32
-    import onnx
-    ops = {n.op_type for n in onnx.load(str(out / "decoder.onnx")).graph.node}
-    assert "MatMulNBits" in ops
-    ans = load_runner(out, threads=1).ask(images[0], None, Q, max_new_tokens=4)
-    assert 1 <= len(ans["token_ids"]) <= 4
-
-
 def test_bad_inputs_are_typed_errors(runner, tmp_path):
     from pcbedge.errors import PcbEdgeError, QuestionError
     bad = tmp_path / "bad.png"
@@ -237,7 +223,7 @@ def test_bad_inputs_are_typed_errors(runner, tmp_path):
     with pytest.raises(InputImageError, match="cannot read"):
         runner.ask(bad, None, Q)
     with pytest.raises(InputImageError, match="uint8 RGB"):
-        runner.ask(np.zeros((60, 90), np.uint8), None, Q)
+        runner.ask(np.zeros((60, 90, 4), np.uint8), None, Q)
     with pytest.raises(QuestionError, match="empty"):
         runner.ask(random_board(60, 90, seed=1), None, "  ")
     with pytest.raises(QuestionError, match="special token"):
@@ -251,7 +237,7 @@ def test_bad_inputs_are_typed_errors(runner, tmp_path):
 
 def test_unsupported_preprocessor_config_is_refused(tmp_path):
     from pcbedge.errors import ModelError
-    from pcbedge.export.families.qwen2_vl import read_recipe
+    from pcbedge.families.qwen_vl.export import read_recipe
     p = tmp_path / "preprocessor_config.json"
     p.write_text(json.dumps({**QWEN_PREPROCESSOR, "resample": 2}))
     with pytest.raises(ModelError, match="resample"):

@@ -1,6 +1,6 @@
 """Fuzzing (hypothesis) of the three places where untrusted input meets the runtime.
 
-* the question path: any question into a tiny OnnxRunner's ``answer_encoded`` gives a
+* the question path: any question into a tiny PcbVlmOnnxRunner's ``answer`` gives a
   well-formed answer or a QuestionError, nothing else;
 * the constrained decoder: ``DecodeState`` driven by random logits always ends in a well-formed
   answer sequence within the grammar's own length bound;
@@ -23,9 +23,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pcbedge.data.preprocess import MIN_SIDE, PairMeta, read_gray
+from pcbedge.runtime.protocol import Prepared
 from pcbedge.errors import InputImageError, QuestionError
-from pcbedge.models.pcbvlm.grammar import DEFECT_TYPES, INTENTS, DecodeState, build_answer
-from pcbedge.runtimes import MAX_QUESTION_CHARS
+from pcbedge.families.pcbvlm.grammar import DEFECT_TYPES, INTENTS, DecodeState, build_answer
+from pcbedge.runtime import MAX_QUESTION_CHARS
 from pcbedge.testing import random_pair_input, tiny_bundle
 
 EXAMPLES = int(os.environ.get("PCBEDGE_FUZZ_EXAMPLES", "60"))
@@ -75,8 +76,8 @@ def question_is_bad(q) -> bool:
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
-    from pcbedge.runtimes.onnx_runner import OnnxRunner
-    return OnnxRunner(tiny_bundle(tmp_path_factory.getbasetemp() / "shared-tiny-export")[1])
+    from pcbedge.families.pcbvlm.runner import PcbVlmOnnxRunner
+    return PcbVlmOnnxRunner(tiny_bundle(tmp_path_factory.getbasetemp() / "shared-tiny-export")[1])
 
 
 def check_answer(ans: dict, runner, enc, max_new_tokens: int) -> None:
@@ -105,8 +106,9 @@ def check_answer(ans: dict, runner, enc, max_new_tokens: int) -> None:
 
 
 def test_any_question_gives_an_answer_or_a_question_error(runner, record_property):
-    encodings = [runner.encode(random_pair_input(runner.input_size, seed=s)) for s in range(4)]
     meta = PairMeta(orig_w=ORIG[0], orig_h=ORIG[1], input_size=runner.input_size)
+    encodings = [runner.encode(Prepared(random_pair_input(runner.input_size, seed=s), meta))
+                 for s in range(4)]
     seen = {"answers": 0, "question_errors": 0}
 
     @FUZZ
@@ -115,7 +117,7 @@ def test_any_question_gives_an_answer_or_a_question_error(runner, record_propert
     def fuzz(q, image, max_new_tokens):
         enc = encodings[image]
         try:
-            ans = runner.answer_encoded(enc, q, meta, max_new_tokens=max_new_tokens)
+            ans = runner.answer(enc, q, max_new_tokens=max_new_tokens)
         except QuestionError:
             assert question_is_bad(q), f"QuestionError for the good question {q!r}"
             seen["question_errors"] += 1
@@ -134,8 +136,8 @@ def test_any_question_gives_an_answer_or_a_question_error(runner, record_propert
 @lru_cache(maxsize=None)
 def spec_for(num_regions: int) -> dict:
     from pcbedge.data.qa import vocabulary_corpus
-    from pcbedge.models.pcbvlm.grammar import grammar_spec
-    from pcbedge.models.pcbvlm.tokenizer import build_tokenizer
+    from pcbedge.families.pcbvlm.grammar import grammar_spec
+    from pcbedge.families.pcbvlm.tokenizer import build_tokenizer
     tok = build_tokenizer(vocabulary_corpus(), num_regions)
     return grammar_spec(tok.get_vocab(with_added_tokens=True), num_regions, 0.5,
                         {"a": 1.3, "b": -0.2})

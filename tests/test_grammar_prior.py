@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from pcbedge.models.pcbvlm.grammar import DecodeState, grammar_spec
-from pcbedge.models.pcbvlm.tokenizer import build_tokenizer
+from pcbedge.families.pcbvlm.grammar import DecodeState, grammar_spec
+from pcbedge.families.pcbvlm.tokenizer import build_tokenizer
 
 K = 4
 
@@ -80,7 +80,7 @@ def test_degenerate_scores_and_logits_still_decode():
 
 
 def test_logit_of_logp_keeps_large_margins():
-    from pcbedge.models.pcbvlm.grammar import LOGIT_CAP, _log_sigmoid, logit_of_logp
+    from pcbedge.families.pcbvlm.grammar import LOGIT_CAP, _log_sigmoid, logit_of_logp
     for m in (-20.0, -3.0, 0.0, 2.5, 13.0, 30.0):
         assert logit_of_logp(_log_sigmoid(m)) == pytest.approx(m, abs=1e-6)
     assert logit_of_logp(0.0) == LOGIT_CAP and logit_of_logp(float("-inf")) == -LOGIT_CAP
@@ -89,8 +89,8 @@ def test_logit_of_logp_keeps_large_margins():
 
 def test_platt_fit_stays_finite_on_nearly_separable_margins():
     pytest.importorskip("torch")
-    from pcbedge.models.pcbvlm.grammar import _log_sigmoid
-    from pcbedge.models.pcbvlm.train_lm import fit_platt
+    from pcbedge.families.pcbvlm.grammar import _log_sigmoid
+    from pcbedge.families.pcbvlm.model.train_lm import fit_platt
     rng = np.random.default_rng(0)
     m = np.concatenate([rng.normal(60, 15, 900), rng.normal(5, 5, 100)])
     y = np.concatenate([rng.random(900) < 0.99, rng.random(100) < 0.3])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pcbedge.export.manifest import read_manifest, verify_files
+from pcbedge.bundle.manifest import read_manifest, verify_files
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 1122

@@ -158,7 +158,7 @@ def test_heldout_phrases_are_new_combinations_of_known_words():
     # the held-out synonyms recombine training words ("severed line": "severed trace" and
     # "broken line" are trained) or inflect them ("nicked" -> "nick ##ed"); never a whole
     # training phrase, never a word the tokenizer can only spell letter by letter
-    from pcbedge.models.pcbvlm.tokenizer import SUFFIXES, build_tokenizer
+    from pcbedge.families.pcbvlm.tokenizer import SUFFIXES, build_tokenizer
     tok = build_tokenizer(vocabulary_corpus(), 4)
     suffixes = {f"##{s}" for s in SUFFIXES}
     train = {p for t in DEFECT_TYPES for p in SYNONYMS[t][0]}

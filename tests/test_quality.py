@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from pcbedge.models.pcbvlm.grammar import calibrate, quality_penalty
+from pcbedge.families.pcbvlm.grammar import calibrate, quality_penalty
 
 pytest.importorskip("torch")
-from pcbedge.models.pcbvlm.quality import fit_quality  # noqa: E402
+from pcbedge.families.pcbvlm.model.quality import fit_quality  # noqa: E402
 
 BLOCK = {"residual_ref": 0.04, "c": 1.5}
 
@@ -65,8 +65,8 @@ def test_calibrate_applies_the_penalty_to_the_calibrated_logit():
 
 
 def _state(calibration):
-    from pcbedge.models.pcbvlm.grammar import DecodeState, grammar_spec
-    from pcbedge.models.pcbvlm.tokenizer import build_tokenizer
+    from pcbedge.families.pcbvlm.grammar import DecodeState, grammar_spec
+    from pcbedge.families.pcbvlm.tokenizer import build_tokenizer
     vocab = build_tokenizer(["where is the short"], 4).get_vocab(with_added_tokens=True)
     st = DecodeState(grammar_spec(vocab, 4, 0.05, calibration), np.ones(4, np.float32))
     st.intent, st.filter, st.done = "describe", "all", True
@@ -75,7 +75,7 @@ def _state(calibration):
 
 
 def test_answer_reports_quality_and_warns():
-    from pcbedge.models.pcbvlm.grammar import build_answer
+    from pcbedge.families.pcbvlm.grammar import build_answer
     boxes = np.array([[10, 10, 20, 20], [0, 0, 5, 5], [30, 30, 40, 44], [1, 1, 2, 2]], np.float32)
     st = _state({"a": 1.0, "b": 0.0, "quality": BLOCK})
     plain = build_answer(st, boxes, list)

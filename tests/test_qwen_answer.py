@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from pcbedge.data.deeppcb import DEFECT_TYPES
-from pcbedge.runtimes.qwen_answer import BoxFrame, canonical_type, parse_reply
+from pcbedge.families.qwen_vl.answer import BoxFrame, canonical_type, parse_reply
 
 NORM = BoxFrame("norm1000", resized=(644, 644), original=(640, 640))
 PIXELS = BoxFrame("resized_pixels", resized=(644, 644), original=(640, 640))

@@ -14,10 +14,10 @@ import torch
 
 from pcbedge.errors import (BundleError, HardwareMismatchError, ModelError, QuestionError,
                             TargetError)
-from pcbedge.export.manifest import (SCHEMA_VERSION, read_manifest, sha256_file, verify_files,
+from pcbedge.bundle.manifest import (SCHEMA_VERSION, read_manifest, sha256_file, verify_files,
                                      write_manifest)
-from pcbedge.runtimes import MAX_QUESTION_CHARS, load_runner
-from pcbedge.runtimes.pruning import TokenPruningConfig, select_tokens, token_budget
+from pcbedge.runtime import MAX_QUESTION_CHARS, load_runner
+from pcbedge.runtime.pruning import TokenPruningConfig, select_tokens, token_budget
 from pcbedge.testing import random_pair_input, tiny_bundle, write_pair_images
 
 torch.set_num_threads(1)
@@ -34,8 +34,8 @@ def exported(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runner(exported):
-    from pcbedge.runtimes.onnx_runner import OnnxRunner
-    return OnnxRunner(exported[1], threads=1)
+    from pcbedge.families.pcbvlm.runner import PcbVlmOnnxRunner
+    return PcbVlmOnnxRunner(exported[1], threads=1)
 
 
 @pytest.fixture
@@ -138,7 +138,7 @@ def test_ask_imports_no_torch(exported, tmp_path):
     test_img, temp_img = write_pair_images(tmp_path)
     code = (
         "import json, sys\n"
-        "from pcbedge.runtimes import load_runner\n"
+        "from pcbedge.runtime import load_runner\n"
         f"r = load_runner({str(exported[1])!r}, threads=1)\n"
         f"a = r.ask({str(test_img)!r}, {str(temp_img)!r}, 'where are the defects?')\n"
         "torch = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
@@ -148,16 +148,16 @@ def test_ask_imports_no_torch(exported, tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["torch"] == [] and res["runner"] == "OnnxRunner"
+    assert res["torch"] == [] and res["runner"] == "PcbVlmOnnxRunner"
     assert set(res["keys"]) == ANSWER_KEYS
 
 
 def test_ask_matches_torch_runner(exported, runner, tmp_path):
-    from pcbedge.runtimes.torch_runner import TorchRunner
+    from pcbedge.families.pcbvlm.torch_runner import PcbVlmTorchRunner
     size = (200, 150)
     test_img, temp_img = write_pair_images(tmp_path, size=size)
     ref_runner = load_runner(exported[0])
-    assert isinstance(ref_runner, TorchRunner)
+    assert isinstance(ref_runner, PcbVlmTorchRunner)
     for q in ("where are the defects?", "how many opens?", "what time is it"):
         got = runner.ask(test_img, temp_img, q)
         ref = ref_runner.ask(test_img, temp_img, q)
@@ -176,8 +176,8 @@ def test_ask_matches_torch_runner(exported, runner, tmp_path):
 def test_encode_once_many_questions(runner):
     x = random_pair_input(128, seed=4)
     enc = runner.encode(x)
-    answers = [runner.answer_encoded(enc, q) for q in ("where are the defects?", "any spurs?")]
-    again = runner.ask_array(x, None, "where are the defects?")
+    answers = [runner.answer(enc, q) for q in ("where are the defects?", "any spurs?")]
+    again = runner.answer(runner.encode(x), "where are the defects?")
     assert answers[0]["token_ids"] == again["token_ids"]
     assert all(a["latency_ms"]["vision"] == enc.vision_ms for a in answers)
 
@@ -185,52 +185,51 @@ def test_encode_once_many_questions(runner):
 @pytest.mark.parametrize("q", ["", "   ", None, 5, "x" * (MAX_QUESTION_CHARS + 1)])
 def test_bad_questions_refused(runner, q):
     with pytest.raises(QuestionError) as e:
-        runner.ask_array(random_pair_input(128), None, q)
+        runner.answer(runner.encode(random_pair_input(128)), q)
     assert e.value.exit_code == QuestionError.exit_code == 13
 
 
 def test_question_limit_matches_tokenizer():
-    from pcbedge.models.pcbvlm.tokenizer import MAX_QUESTION_CHARS as TOKENIZER_LIMIT
+    from pcbedge.families.pcbvlm.tokenizer import MAX_QUESTION_CHARS as TOKENIZER_LIMIT
     assert MAX_QUESTION_CHARS == TOKENIZER_LIMIT
 
 
 def test_unavailable_provider_refused(exported):
-    from pcbedge.runtimes.onnx_runner import OnnxRunner
+    from pcbedge.families.pcbvlm.runner import PcbVlmOnnxRunner
     with pytest.raises(HardwareMismatchError, match="(?s)TensorrtExecutionProvider.*"
                                                     "CPUExecutionProvider"):
-        OnnxRunner(exported[1], providers=["TensorrtExecutionProvider"])
+        PcbVlmOnnxRunner(exported[1], providers=["TensorrtExecutionProvider"])
     with pytest.raises(TargetError, match="threads"):
-        OnnxRunner(exported[1], threads=0)
+        PcbVlmOnnxRunner(exported[1], threads=0)
 
 
 def test_runtime_block_of_manifest_used(bundle_copy):
-    from pcbedge.runtimes.onnx_runner import OnnxRunner
+    from pcbedge.families.pcbvlm.runner import PcbVlmOnnxRunner
     m = read_manifest(bundle_copy)
     m["runtime"].update(threads=1, inter_op_threads=1, execution_mode="sequential",
                         graph_optimization_level="ORT_ENABLE_EXTENDED")
     write_manifest(bundle_copy, m)
-    r = OnnxRunner(bundle_copy)
+    r = PcbVlmOnnxRunner(bundle_copy)
     assert r.threads == 1 and r.providers == ["CPUExecutionProvider"]
     m["runtime"]["spin_wait"] = "whenever"
     write_manifest(bundle_copy, m)
     with pytest.raises(BundleError, match="spin_wait 'whenever'"):
-        OnnxRunner(bundle_copy)
+        PcbVlmOnnxRunner(bundle_copy)
     m["runtime"] = {"engine": "tensorrt", "providers": [], "threads": None}
     write_manifest(bundle_copy, m)
     with pytest.raises(HardwareMismatchError, match="'tensorrt' runtime"):
-        OnnxRunner(bundle_copy)
-    assert OnnxRunner(bundle_copy, providers=["CPUExecutionProvider"]).sessions
+        PcbVlmOnnxRunner(bundle_copy)
+    assert PcbVlmOnnxRunner(bundle_copy, providers=["CPUExecutionProvider"]).sessions
 
 
 def test_spin_wait_becomes_session_config():
     """The manifest's spin_wait names onnxruntime session config entries; a bundle that does
     not say gets "during_run" (threads stop spinning when a Run returns)."""
-    from pcbedge.runtimes import onnx_runner
-    from pcbedge.runtimes.onnx_runner import _session_options
+    from pcbedge.runtime import sessions
+    from pcbedge.runtime.sessions import session_options as _session_options
     from pcbedge.targets import profile
-    # the profile's choices are the runner's, one default for both
-    assert set(profile.SPIN_WAITS) == set(onnx_runner.SPIN_WAIT)
-    assert profile.DEFAULT_SPIN_WAIT == onnx_runner.DEFAULT_SPIN_WAIT
+    # the profile's choices are the sessions', one default (the profile's) for both
+    assert tuple(sessions.SPIN_WAIT) == profile.SPIN_WAITS
     stop, allow = "session.force_spinning_stop", "session.intra_op.allow_spinning"
     default = _session_options({}, 1)
     assert default.get_session_config_entry(stop) == "1"
@@ -286,16 +285,16 @@ def test_select_tokens_budget_and_order():
 
 
 def test_runner_pruning_matches_torch(exported, runner):
-    from pcbedge.runtimes.torch_runner import TorchRunner
+    from pcbedge.families.pcbvlm.torch_runner import PcbVlmTorchRunner
     cfg = TokenPruningConfig("model_prior", keep_ratio=0.5, min_tokens=4)
-    ref_runner = TorchRunner(exported[0], pruning=cfg)
+    ref_runner = PcbVlmTorchRunner(exported[0], pruning=cfg)
     x = random_pair_input(128, seed=7)
     enc = runner.encode(x)
     expect = select_tokens(enc.outputs["token_prior"][0], cfg)
     assert len(expect) == 8
     for q in ("where are the defects?", "is there a short?"):
-        got = runner.answer_encoded(enc, q, pruning=cfg)
-        ref = ref_runner.ask_array(x, None, q)
+        got = runner.answer(enc, q, pruning=cfg)
+        ref = ref_runner.answer(ref_runner.encode(x), q)
         assert got["info"]["visual_tokens_kept"] == 8 == ref["info"]["visual_tokens_kept"]
         assert got["info"]["visual_tokens_total"] == 16
         assert got["token_ids"] == ref["token_ids"]
@@ -306,8 +305,8 @@ def test_manifest_pruning_block_used(bundle_copy):
     m["pruning"] = TokenPruningConfig("template_diff", 0.25, 2).to_dict()
     write_manifest(bundle_copy, m)
     r = load_runner(bundle_copy)
-    a = r.ask_array(random_pair_input(128, seed=2), None, "where are the defects?")
+    a = r.answer(r.encode(random_pair_input(128, seed=2)), "where are the defects?")
     assert a["info"]["visual_tokens_kept"] == 4
     assert a["info"]["pruning"]["method"] == "template_diff"
-    none = r.ask_array(random_pair_input(128, seed=2), None, "where?", pruning={"method": "none"})
+    none = r.answer(r.encode(random_pair_input(128, seed=2)), "where?", pruning={"method": "none"})
     assert none["info"]["visual_tokens_kept"] == 16

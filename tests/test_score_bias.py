@@ -1,4 +1,4 @@
-"""Score bias correction of the INT8 vision graph (pcbedge.build.score_bias), on a tiny model."""
+"""Score bias correction of the INT8 vision graph (pcbedge.families.pcbvlm.score_bias), on a tiny model."""
 from __future__ import annotations
 
 import math
@@ -10,9 +10,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from pcbedge.build.score_bias import (decision_band, dihedral_views, estimate_score_bias,
+from pcbedge.families.pcbvlm.score_bias import (decision_band, dihedral_views, estimate_score_bias,
                                       fold_score_offset, heat_logit_conv)
-from pcbedge.calibration import iter_vision_inputs, select_calibration_set, select_heldout_set
+from pcbedge.calibration import select_calibration_set, select_heldout_set
+from pcbedge.families.pcbvlm.recipe import iter_vision_inputs
 from pcbedge.errors import ExportError
 from pcbedge.testing import random_pair_input, tiny_bundle
 
@@ -63,10 +64,11 @@ def test_fold_shifts_every_logit_and_the_estimate_reads_it_back(export, tmp_path
 
 
 def test_estimate_on_the_int8_graph_and_no_proposal_in_band(export, tmp_path, sample_data):
-    from pcbedge.build.quantize import QuantizationConfig, quantize_graph
+    from pcbedge.recipes.configs import StaticInt8Config
+    from pcbedge.recipes.quantize import quantize_graph
     cal = select_calibration_set(sample_data)
     q = tmp_path / "v8.onnx"
-    quantize_graph(export / "vision.onnx", q, QuantizationConfig(op_types=("Conv", "Relu")),
+    quantize_graph(export / "vision.onnx", q, StaticInt8Config(op_types=("Conv", "Relu")),
                    iter_vision_inputs(cal, 128))
     est = estimate_score_bias(export / "vision.onnx", q, _feeds(), (0.0, 1.0))
     assert est["matched"] > 0 and abs(est["offset"]) < 1.0 and est["stderr"] is not None

@@ -18,13 +18,13 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-import pcbedge.build.tensorrt as trt_mod
-from pcbedge.build import build_bundle
-from pcbedge.build.tensorrt import (ENGINES_BUILT, ENGINES_DEFERRED, check_engine_compat,
+import pcbedge.recipes.tensorrt as trt_mod
+from pcbedge.recipes.build import build_bundle
+from pcbedge.recipes.tensorrt import (ENGINES_BUILT, ENGINES_DEFERRED, check_engine_compat,
                                     plan_engines)
-from pcbedge.build.trt_ops import check_graph, check_graphs, raise_on_blockers
+from pcbedge.recipes.trt_ops import check_graph, check_graphs, raise_on_blockers
 from pcbedge.errors import ExportError, HardwareMismatchError
-from pcbedge.export.manifest import read_manifest
+from pcbedge.bundle.manifest import read_manifest
 from pcbedge.targets import list_targets, load_target
 from pcbedge.testing import tiny_bundle
 
@@ -252,11 +252,13 @@ def test_trt_ops_qdq_rules():
 
 def test_ort_flavoured_int8_graph_is_a_blocker(export, tmp_path, sample_data):
     """The x86 (u8, asymmetric) Q/DQ graph is refused for TensorRT; the build fails loudly."""
-    from pcbedge.build.quantize import QuantizationConfig, quantize_graph
-    from pcbedge.calibration import iter_vision_inputs, select_calibration_set
+    from pcbedge.recipes.configs import StaticInt8Config
+    from pcbedge.recipes.quantize import quantize_graph
+    from pcbedge.calibration import select_calibration_set
+    from pcbedge.families.pcbvlm.recipe import iter_vision_inputs
 
     cs = select_calibration_set(sample_data)
-    quantize_graph(export / "vision.onnx", tmp_path / "v.onnx", QuantizationConfig(),
+    quantize_graph(export / "vision.onnx", tmp_path / "v.onnx", StaticInt8Config(),
                    iter_vision_inputs(cs, 128))
     validation = check_graphs({"vision": tmp_path / "v.onnx"}, "10.3")
     assert validation["blockers"] > 0
@@ -267,7 +269,7 @@ def test_ort_flavoured_int8_graph_is_a_blocker(export, tmp_path, sample_data):
 def test_plan_shapes_follow_profile(export):
     m = read_manifest(export)
     profile = load_target(TRT_TARGETS[0])
-    from pcbedge.runtimes.pruning import TokenPruningConfig
+    from pcbedge.runtime.pruning import TokenPruningConfig
     m = json.loads(json.dumps(m))
     plan = plan_engines(m, profile, TokenPruningConfig("model_prior", 0.25))
     assert plan["axis_ranges"]["n_vis"] == [16, 100, 400]

@@ -9,9 +9,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from pcbedge.data.qa import vocabulary_corpus  # noqa: E402
-from pcbedge.models.pcbvlm.tokenizer import build_tokenizer, encode_question  # noqa: E402
-from pcbedge.models.pcbvlm.train import with_tokenizer  # noqa: E402
-from pcbedge.models.pcbvlm.train_lm import pointer_set_loss  # noqa: E402
+from pcbedge.families.pcbvlm.tokenizer import build_tokenizer, encode_question  # noqa: E402
+from pcbedge.families.pcbvlm.model.train import with_tokenizer  # noqa: E402
+from pcbedge.families.pcbvlm.model.train_lm import pointer_set_loss  # noqa: E402
 from pcbedge.testing import TINY_NUM_REGIONS, tiny_pcbvlm_model  # noqa: E402
 
 
@@ -38,8 +38,8 @@ def test_make_batch_targets_every_unreported_true_region():
     import random
 
     from pcbedge.data.qa import QuestionGenerator
-    from pcbedge.models.pcbvlm.train import FinetuneConfig
-    from pcbedge.models.pcbvlm.train_lm import make_batch
+    from pcbedge.families.pcbvlm.model.train import FinetuneConfig
+    from pcbedge.families.pcbvlm.model.train_lm import make_batch
     model = tiny_pcbvlm_model()
     K = TINY_NUM_REGIONS
     match = np.full(K, -1)

@@ -2,7 +2,7 @@
 
 Precisions: the bundle's own, and its FP32 reference when there is one. Keep ratios: 1.0, 0.5,
 0.25, 0.1, through the runner's ``pruning=`` override with the bundle's pruning method (or
-``model_prior`` when the bundle does not prune). Each point: describe-all accuracy on every board
+the first token score of its family when the bundle does not prune). Each point: describe-all accuracy on every board
 and a shorter SingleStream latency pass (a quarter of the main pass's queries and duration).
 """
 from __future__ import annotations
@@ -28,14 +28,16 @@ def _precision_label(manifest: dict, fallback: str) -> str:
 
 
 def pruning_method(manifest: dict) -> str:
+    """The bundle's pruning method, else the first token score its family exports."""
     block = manifest.get("pruning")
     method = block.get("method") if isinstance(block, dict) else None
-    return method if method and method != "none" else DEFAULT_METHOD
+    scores = list(manifest.get("token_scores") or {}) or [DEFAULT_METHOD]
+    return method if method and method != "none" else scores[0]
 
 
 def _point(path: Path, precision: str, role: str, ratio: float, method: str,
            workload: wl.Workload, pass_args: dict, threads, progress: bool) -> dict:
-    from pcbedge.runtimes.pruning import TokenPruningConfig
+    from pcbedge.runtime.pruning import TokenPruningConfig
 
     pruning = TokenPruningConfig(method=method, keep_ratio=ratio)
     runner = wl.open_runner(path, threads=threads, pruning=pruning)

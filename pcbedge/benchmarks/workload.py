@@ -5,8 +5,8 @@ question set, drawn with the HELD-OUT phrasings of :mod:`pcbedge.data.qa` from a
 by the board id, so a board's questions do not depend on which other boards are in the list
 (a subset bench asks exactly what the full bench asks of those boards).
 
-* Accuracy pass: every board x question once, through the runner's ``encode`` /
-  ``answer_encoded`` (one vision pass per board, the shared preprocessing).
+* Accuracy pass: every board x question once, through the runner's ``prepare`` / ``encode``
+  / ``answer`` (one vision pass per board, the family's own preprocessing).
 * Latency pass (MLPerf SingleStream): one full ``ask`` at a time (file decode and preprocessing
   included), cycling through the workload until both a query count and a duration are reached.
 """
@@ -21,7 +21,7 @@ from typing import Callable
 
 from pcbedge.data.deeppcb import Board, find_data_root, read_list
 from pcbedge.data.degrade import Degrade
-from pcbedge.data.preprocess import load_pair, prepare_pair, read_gray
+from pcbedge.data.preprocess import read_gray
 from pcbedge.data.qa import QA, QuestionGenerator
 from pcbedge.errors import DatasetError, InputImageError, PcbEdgeError
 
@@ -109,49 +109,34 @@ def load_workload(data=None, list_file=None, max_boards: int | None = None) -> W
 
 # ----------------------------------------------------------------------------- runner access
 
-def runner_input_size(runner) -> int:
-    """The model input side S the runner was built for (from its manifest)."""
-    man = getattr(runner, "manifest", None) or {}
-    for value in (getattr(runner, "input_size", None), man.get("input_size"),
-                  (man.get("shapes") or {}).get("input_size"),
-                  (man.get("model") or {}).get("input_size"),
-                  (man.get("preprocess") or {}).get("input_size")):
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    raise PcbEdgeError("the runner names no input size (manifest 'input_size')",
-                       fix="re-export the bundle with the current pcbedge")
-
-
-
-
-def board_input(board: Board, size: int, degrade: Degrade | None = None):
-    """(x [3,S,S], meta) of a board; ``degrade`` maps the uint8 (test, template) first."""
+def board_input(runner, board: Board, degrade: Degrade | None = None):
+    """The runner's prepared input of a board; ``degrade`` maps the uint8 (test, template)
+    first (the robustness checks)."""
     if degrade is None:
-        return load_pair(board.test_path, board.template_path, size)
+        return runner.prepare(board.test_path, board.template_path)
     test, temp = read_gray(board.test_path), read_gray(board.template_path)
     if test.shape != temp.shape:
         raise InputImageError(f"template {board.template_path} and board {board.test_path} "
                               "differ in size", fix="pass aligned pairs of one size")
     test, temp = degrade(test, temp)
-    return prepare_pair(test, temp, size, (str(board.test_path), str(board.template_path)))
+    return runner.prepare(test, temp)
 
 
 def answer_boards(runner, workload: Workload, *, degrade: Degrade | None = None,
                   describe_only: bool = False, progress: bool = True,
                   desc: str = "accuracy") -> list[list[dict]]:
-    """answers[i][k]: the answer to question k of board i (one vision pass per board)."""
+    """answers[i][k]: the answer to question k of board i (one prepare and one vision pass per
+    board, through the runner protocol)."""
     from tqdm import tqdm
 
-    size = runner_input_size(runner)
     out: list[list[dict]] = []
     for i, board in enumerate(tqdm(workload.boards, desc=desc, unit="board",
                                    disable=not progress, leave=False)):
-        x, meta = board_input(board, size, degrade)
-        enc = runner.encode(x)
+        enc = runner.encode(board_input(runner, board, degrade))
         qs = workload.board_queries(i)
         if describe_only:
             qs = [q for q in qs if q.qa.kind == "describe"][:1]
-        out.append([runner.answer_encoded(enc, q.qa.question, meta) for q in qs])
+        out.append([runner.answer(enc, q.qa.question) for q in qs])
     return out
 
 
@@ -218,5 +203,5 @@ def check_pass_args(queries, min_seconds, warmup) -> None:
 
 def open_runner(path, **kwargs):
     """The runner for a bundle or model folder (the one place the bench builds runners)."""
-    from pcbedge.runtimes import load_runner
+    from pcbedge.runtime import load_runner
     return load_runner(path, **kwargs)

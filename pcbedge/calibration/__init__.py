@@ -1,13 +1,13 @@
-"""Calibration data for the INT8 graphs: a hashed board set and iterators over its inputs.
+"""Calibration boards for the INT8 graphs: a hashed board set drawn from a DeepPCB-layout folder.
 
-Callers pass these iterators into :func:`pcbedge.build.quantize.quantize_graph`; nothing here
-loads data behind the caller's back.
+Each family turns the boards into its graphs' feeds (``Family.calibration_feeds``), and the
+build passes those into :func:`pcbedge.recipes.quantize.quantize_graph`; nothing loads data
+behind the caller's back.
 """
 from __future__ import annotations
 
 from pcbedge.calibration.sets import (MIN_BOARDS, CalibrationEntry, CalibrationSet,
-                                      iter_vision_inputs, select_calibration_set,
-                                      select_heldout_set)
+                                      select_calibration_set, select_heldout_set)
 
-__all__ = ["MIN_BOARDS", "CalibrationEntry", "CalibrationSet", "iter_vision_inputs",
-           "select_calibration_set", "select_heldout_set"]
+__all__ = ["MIN_BOARDS", "CalibrationEntry", "CalibrationSet", "select_calibration_set",
+           "select_heldout_set"]

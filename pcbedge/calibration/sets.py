@@ -100,7 +100,7 @@ def select_heldout_set(cal_set: CalibrationSet, n: int, seed: int = 0) -> Calibr
     """Up to ``n`` boards of the same source that ``cal_set`` does not hold, drawn at random
     (not stratified: they should look like the line's boards) under ``seed``. They measure what
     the quantized graph does on boards its scales were not fitted to (the score bias
-    correction, :mod:`pcbedge.build.score_bias`). May be empty: the caller decides."""
+    correction of a family whose detection scores need it). May be empty: the caller decides."""
     taken = {e.board_id for e in cal_set.entries}
     cands = sorted((e for e in _candidates(cal_set.root, cal_set.list_file)[0]
                     if e.board_id not in taken), key=lambda e: e.board_id)
@@ -111,13 +111,6 @@ def select_heldout_set(cal_set: CalibrationSet, n: int, seed: int = 0) -> Calibr
     entries = tuple(chosen)
     return CalibrationSet(root=cal_set.root, entries=entries,
                           sha256=hash_entries(cal_set.root, entries), list_file=cal_set.list_file)
-
-
-def iter_vision_inputs(cal_set: CalibrationSet, input_size: int) -> Iterator[dict]:
-    """``{"pixel_values": float32 [1, 3, S, S]}`` per board, through the shared ``load_pair``."""
-    for e in cal_set.entries:
-        x, _ = load_pair(e.test_path, e.template_path, input_size)
-        yield {"pixel_values": np.ascontiguousarray(x[None], dtype=np.float32)}
 
 
 def hash_entries(root: Path, entries: tuple[CalibrationEntry, ...]) -> str:

@@ -1,6 +1,6 @@
 """Export a VLM checkpoint to an ONNX bundle (graphs + tokenizer + manifest).
 
-Import-light on purpose: the runtime imports ``pcbedge.export.manifest`` on device, where torch
+Import-light on purpose: the runtime imports ``pcbedge.bundle.manifest`` on device, where torch
 is absent, so nothing here imports torch until :func:`export_model` is called.
 """
 from __future__ import annotations

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 from pcbedge.errors import DependencyError, ExportError, ModelError, OutputError
-from pcbedge.export.atomic import check_destination, staged_dir
-from pcbedge.export.families import GraphExport, VlmFamily, detect_family
-from pcbedge.export.manifest import KIND, SCHEMA_VERSION, list_files, sha256_file, write_manifest
+from pcbedge.bundle.atomic import check_destination, staged_dir
+from pcbedge.export.graphs import GraphExport
+from pcbedge.bundle.manifest import KIND, SCHEMA_VERSION, list_files, sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, opset: int = DEF
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _require("torch", "onnx", "onnxscript", "onnxruntime")
     _check_opset(opset)
+    from pcbedge.families import detect_family
     family = detect_family(model_dir)
     family.check_model_dir(model_dir)
     src, dst = model_dir.resolve(), out_dir.resolve()
@@ -60,6 +61,8 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, opset: int = DEF
             bar.update()
         for name in family.bundle_copies:
             shutil.copyfile(model_dir / name, stage / name)
+        for name, text in family.bundle_files(model).items():
+            (stage / name).write_text(text, encoding="utf-8")
         manifest = build_manifest(family, model, model_dir, input_size, graph_records)
         bar.set_description(steps[-2])
         manifest["parity"] = None
@@ -141,7 +144,7 @@ def export_graph(g: GraphExport, folder: Path, opset: int) -> dict:
                               f"dynamo: {fallback_reason}; torchscript: {type(e2).__name__}: "
                               f"{str(e2).strip().splitlines()[0][:300]}",
                               fix="see docs/export.md (tracing patches in the family "
-                                  "adapter)") from e2
+                                  "folder)") from e2
     actual_opset = finalize_graph(path, g, big)
     return {"file": g.file, "exporter": method, "fallback_reason": fallback_reason,
             "opset": actual_opset, "export_seconds": round(time.perf_counter() - t0, 2),
@@ -175,7 +178,7 @@ def finalize_graph(path: Path, g: GraphExport, external: bool) -> int:
         got = [v.name for v in values]
         if got != [t.name for t in specs]:
             raise ExportError(f"graph {g.name} has {what} {got}, expected "
-                              f"{[t.name for t in specs]}", fix="fix the family adapter")
+                              f"{[t.name for t in specs]}", fix="fix the family's export.py")
         for v, spec in zip(values, specs):
             _name_axes(g.name, v, spec)
     if external:
@@ -194,13 +197,13 @@ def _name_axes(graph: str, value, spec) -> None:
     dims = value.type.tensor_type.shape.dim
     if len(dims) != len(spec.shape):
         raise ExportError(f"graph {graph} {spec.name} has rank {len(dims)}, expected "
-                          f"{len(spec.shape)} ({spec.shape})", fix="fix the family adapter")
+                          f"{len(spec.shape)} ({spec.shape})", fix="fix the family's export.py")
     for i, (d, want) in enumerate(zip(dims, spec.shape)):
         if isinstance(want, str):
             d.dim_param = want
         elif d.HasField("dim_value") and d.dim_value != want:
             raise ExportError(f"graph {graph} {spec.name} axis {i} is {d.dim_value}, "
-                              f"expected {want}", fix="fix the family adapter")
+                              f"expected {want}", fix="fix the family's export.py")
         elif not d.HasField("dim_value"):
             # the TorchScript exporter leaves some fixed output axes symbolic; parity checks
             # the real shapes, so declaring the contract's size here is safe
@@ -224,7 +227,7 @@ def tool_versions() -> dict:
     return out
 
 
-def build_manifest(family: VlmFamily, model, model_dir: Path, input_size: int,
+def build_manifest(family, model, model_dir: Path, input_size: int,
                    graphs: dict) -> dict:
     """Everything but ``parity`` and ``files`` (added once the bundle is complete)."""
     weights = model_dir / family.weights_file
@@ -238,6 +241,7 @@ def build_manifest(family: VlmFamily, model, model_dir: Path, input_size: int,
         "family": family.name,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "graphs": graphs,
+        "graph_groups": {g: list(roles) for g, roles in family.graph_groups.items()},
         "exporter": {"opset": max(opsets),
                      "methods": sorted({g["exporter"] for g in graphs.values()})},
         **family.manifest_extras(model, input_size),

@@ -7,9 +7,10 @@ values. Unknown keys are refused, so a typo never silently falls back to a defau
 """
 from __future__ import annotations
 
+import copy
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,14 +22,18 @@ else:  # pragma: no cover - Python 3.10 gets the same parser from the tomli back
     import tomli as tomllib
 
 RUNTIMES = ("onnxruntime", "tensorrt")
-# when onnxruntime's intra-op threads spin-wait (pcbedge.runtimes.onnx_runner.SPIN_WAIT)
+# when onnxruntime's intra-op threads spin-wait (pcbedge.families.pcbvlm.runner.SPIN_WAIT)
 SPIN_WAITS = ("during_run", "always", "never")
 DEFAULT_SPIN_WAIT = "during_run"
 ARCHS = ("x86_64", "aarch64")
-PRECISIONS = ("fp32", "fp16", "int8")
+# what platform.machine() and vendors call the same architecture
+ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
+# int4: weight-only 4-bit (onnxruntime MatMulNBits), for decoders (pcbedge.recipes.configs)
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+DECODER_METHODS = ("static", "dynamic")
 SCHEMES = ("qdq_static", "none")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
-PRUNING_METHODS = ("none", "model_prior", "template_diff")
+PRUNING_METHODS = ("none", "model_prior", "template_diff", "feature_norm")
 PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
              "XnnpackExecutionProvider", "OpenVINOExecutionProvider", "CoreMLExecutionProvider",
              "DmlExecutionProvider", "QNNExecutionProvider")
@@ -40,7 +45,7 @@ QUANTIZABLE_OPS = ("Add", "ArgMax", "AveragePool", "BatchNormalization", "Clip",
                    "LayerNormalization", "LeakyRelu", "MatMul", "MaxPool", "Mul", "Pad", "Relu",
                    "Reshape", "Resize", "Sigmoid", "Slice", "Softmax", "Split", "Squeeze", "TopK",
                    "Transpose", "Unsqueeze", "Where")
-TOKEN_STRIDE = 32  # the vision tower's visual-token stride: input_size must be a multiple
+MIN_INPUT_SIZE = 28   # families check their own multiple at build time (manifest size_multiple)
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 
@@ -63,6 +68,8 @@ class QuantizationConfig:
     calibration_method: str
     calibration_boards: int
     score_bias_boards: int = 0
+    decoder_method: str = "static"    # int8 decoder: "static" (Q/DQ, calibrated) or "dynamic"
+    block_size: int = 32              # int4: weights per scale
 
 
 @dataclass(frozen=True)
@@ -121,10 +128,30 @@ class TargetProfile:
     gates: GateConfig
     spin_wait: str = DEFAULT_SPIN_WAIT
     source: str = ""  # the file it was loaded from, for messages and manifests
+    # [family.<key>] tables: per model family, sections that replace fields of the base profile
+    family_overrides: dict = field(default_factory=dict, compare=False)
+    family: str = ""  # the family key whose overrides are applied ("" = the base profile)
 
     def as_dict(self) -> dict:
         """A JSON-ready dict (tuples become lists), for manifests and reports."""
-        return asdict(self)
+        d = asdict(self)
+        d.pop("family_overrides")
+        return d
+
+    def for_family(self, key: str) -> "TargetProfile":
+        """This profile with the ``[family.<key>]`` overrides applied (validated like the rest);
+        itself when the profile has none for ``key``."""
+        over = self.family_overrides.get(key)
+        if not over:
+            return self
+        data = copy.deepcopy(self._raw)
+        for sec, table in over.items():
+            data.setdefault(sec, {}).update(table)
+        data.pop("family", None)
+        p = parse_profile(data, f"{self.source} [family.{key}]")
+        object.__setattr__(p, "family", key)
+        object.__setattr__(p, "source", self.source)
+        return p
 
 
 # --- field validators: each returns the parsed value or raises ValueError(valid values) -----
@@ -209,12 +236,14 @@ SECTIONS: dict[str, tuple[type, dict]] = {
         "per_channel": (_bool, True),
         "calibration_method": (_choice(*CALIBRATION_METHODS), "minmax"),
         "calibration_boards": (_int(1), 16),
-        "score_bias_boards": (_int(0, 4096), 0)}),
+        "score_bias_boards": (_int(0, 4096), 0),
+        "decoder_method": (_choice(*DECODER_METHODS), "static"),
+        "block_size": (_int(16, 4096), 32)}),
     "pruning": (PruningConfig, {
         "method": (_choice(*PRUNING_METHODS), REQUIRED),
         "keep_ratio": (_number(0.0, 1.0, lo_open=True), 1.0)}),
     "shapes": (ShapeConfig, {
-        "input_size": (_int(TOKEN_STRIDE, 4096), 640),
+        "input_size": (_int(MIN_INPUT_SIZE, 4096), 640),
         "batch": (_int(1, 64), 1),
         "max_text_len": (_int(8, 4096), 96)}),
     "tensorrt": (TensorRTConfig, {
@@ -229,6 +258,14 @@ SECTIONS: dict[str, tuple[type, dict]] = {
         "min_map": (_number(0.0, 1.0), 0.90)}),
 }
 OPTIONAL_SECTIONS = ("tensorrt", "gates")
+# sections a [family.<key>] table may change (the hardware fields stay the target's)
+OVERRIDABLE = ("precision", "quantization", "pruning", "shapes", "gates")
+
+
+def normalize_arch(arch: str) -> str:
+    """One name per architecture ("amd64" -> "x86_64", "arm64" -> "aarch64")."""
+    a = str(arch).lower()
+    return ARCH_ALIASES.get(a, a)
 
 
 def _fail(src: str, field: str, value: Any, valid: str, fix: str | None = None) -> TargetError:
@@ -288,10 +325,11 @@ def _check_consistency(src: str, p: TargetProfile) -> None:
     for graph in ("vision", "decoder"):
         ops = getattr(q, f"{graph}_ops")
         int8 = getattr(p.precision, graph) == "int8"
-        if int8 and q.scheme == "none":
+        if int8 and q.scheme == "none" and not dynamic:
             raise _fail(src, "quantization.scheme", q.scheme,
                         f"'qdq_static', since precision.{graph} is 'int8'")
-        if int8 and not ops:
+        dynamic = graph == "decoder" and q.decoder_method == "dynamic"
+        if int8 and not ops and not dynamic:
             raise _fail(src, f"quantization.{graph}_ops", [],
                         f"a non-empty op list, since precision.{graph} is 'int8'")
         if not int8 and ops:
@@ -308,15 +346,23 @@ def _check_consistency(src: str, p: TargetProfile) -> None:
     if p.pruning.method == "none" and p.pruning.keep_ratio != 1.0:
         raise _fail(src, "pruning.keep_ratio", p.pruning.keep_ratio,
                     "1.0 with method 'none'")
-    if p.shapes.input_size % TOKEN_STRIDE:
-        raise _fail(src, "shapes.input_size", p.shapes.input_size,
-                    f"a multiple of {TOKEN_STRIDE} (the visual-token stride)")
+    if q.block_size & (q.block_size - 1):
+        raise _fail(src, "quantization.block_size", q.block_size, "a power of two (32, 64, 128)")
+    for graph in ("vision", "decoder"):
+        if getattr(p.precision, graph) == "int4" and (graph == "vision" or p.runtime != "onnxruntime"):
+            raise _fail(src, f"precision.{graph}", "int4",
+                        "'int4' only for the decoder on onnxruntime (weight-only MatMulNBits, a "
+                        "contrib op TensorRT does not parse; convolutions have no 4-bit kernels)")
+    if q.decoder_method == "dynamic" and p.runtime != "onnxruntime":
+        raise _fail(src, "quantization.decoder_method", "dynamic",
+                    "'static' for TensorRT (explicit quantization needs Q/DQ scales)")
 
 
 def parse_profile(data: dict, src: str = "<profile>", *, stem: str | None = None) -> TargetProfile:
     """Validate a parsed TOML table into a :class:`TargetProfile`. ``stem``: the file name the
     profile's ``name`` must equal."""
-    _refuse_unknown(src, "", data, [*TOP_FIELDS, *SECTIONS])
+    _refuse_unknown(src, "", data, [*TOP_FIELDS, *SECTIONS, "family"])
+    overrides = _family_overrides(src, data.get("family", {}))
     top = _parse_fields(src, "", {k: v for k, v in data.items() if k in TOP_FIELDS}, TOP_FIELDS)
     if not NAME_RE.match(top["name"]):
         raise _fail(src, "name", top["name"], "lower-case letters, digits, '.', '_' or '-'")
@@ -340,9 +386,30 @@ def parse_profile(data: dict, src: str = "<profile>", *, stem: str | None = None
         if sec == "gates" and values["p95_ms_max"] is None:
             values["p95_ms_max"] = top["latency_budget_ms"]
         sections[sec] = cls(**values)
-    profile = TargetProfile(**top, **sections, source=src)
+    profile = TargetProfile(**top, **sections, source=src, family_overrides=overrides)
     _check_consistency(src, profile)
+    object.__setattr__(profile, "_raw", copy.deepcopy(data))
+    for key in overrides:      # every override must give a valid profile, checked at load
+        profile.for_family(key)
     return profile
+
+
+def _family_overrides(src: str, table) -> dict:
+    """``[family.<key>.<section>]`` tables: which sections a model family changes. Keys are
+    family profile keys (pcbedge.families: ``Family.profile_key``); data, never code branches."""
+    if not isinstance(table, dict):
+        raise _fail(src, "family", table, "a table of [family.<key>.<section>] tables")
+    out = {}
+    for key, sections in table.items():
+        if not isinstance(sections, dict) or not NAME_RE.match(key.replace("_", "-")):
+            raise _fail(src, f"family.{key}", sections, "a table of sections")
+        _refuse_unknown(src, f"family.{key}.", sections, OVERRIDABLE)
+        for sec, values in sections.items():
+            if not isinstance(values, dict):
+                raise _fail(src, f"family.{key}.{sec}", values, f"a [family.{key}.{sec}] table")
+            _refuse_unknown(src, f"family.{key}.{sec}.", values, SECTIONS[sec][1])
+        out[key] = copy.deepcopy(sections)
+    return out
 
 
 def load_profile(path: str | Path) -> TargetProfile:

@@ -1,0 +1,216 @@
+"""Training of the reference PCB VLM on the DeepPCB trainval split (train part only).
+
+Stage A trains the vision encoder's defect head on random crops (dihedral transforms, crops that
+keep boxes right). Stage B freezes the vision encoder, caches its outputs on whole boards under
+all 8 dihedral transforms, and trains projector + decoder on generated questions with
+visual-token dropout (so pruning later costs little). Stage C fits the confidence calibration
+on the validation part. Deterministic under a seed (single-threaded data, seeded torch).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pcbedge.data.deeppcb import DEFECT_TYPES, Board, read_list, split_trainval
+from pcbedge.data.align import align_pair
+from pcbedge.data.preprocess import pair_to_input, read_gray, resize_u8
+from pcbedge.data.qa import QuestionGenerator, vocabulary_corpus
+from pcbedge.families.pcbvlm.model.augment import crop, dihedral
+from pcbedge.families.pcbvlm.model.config import PcbVlmConfig, TextConfig
+from pcbedge.families.pcbvlm.model.model import PcbVlm
+from pcbedge.families.pcbvlm.tokenizer import build_tokenizer
+from pcbedge.families.pcbvlm.model.vision import detection_loss, heatmap_targets
+
+log = logging.getLogger(__name__)
+TYPE_ID = {t: i for i, t in enumerate(DEFECT_TYPES)}
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    seed: int = 0
+    minutes_a: float = 32.0      # stage A time budget
+    steps_a: int = 100000        # upper bound on stage A steps (the time budget usually stops it)
+    batch_a: int = 16
+    crop: int = 256
+    lr_a: float = 2e-3
+    minutes_b: float = 22.0
+    steps_b: int = 100000
+    batch_b: int = 32
+    lr_b: float = 1e-3
+    n_dihedral: int = 8
+    match_iou: float = 0.3
+    word_dropout: float = 0.08
+    threads: int = 2
+    init_from: str | None = None  # a saved model folder to start from (e.g. checkpoint_stage_a)
+    set_pointer_loss: bool = True  # REGION target = every unreported true region (else: next one)
+    quality_calibration: bool = True  # stage C2: confidence falls with the capture's residual
+
+
+class Board8:
+    """A board's pixels and boxes, loaded once (uint8)."""
+
+    def __init__(self, b: Board, size: int):
+        self.id = b.id
+        test, temp, _ = align_pair(read_gray(b.test_path), read_gray(b.template_path))
+        self.img = np.stack([resize_u8(test, size), resize_u8(temp, size)])  # as load_pair
+        self.boxes = np.array([d.bbox for d in b.defects], np.float32).reshape(-1, 4)
+        self.types = np.array([TYPE_ID[d.type] for d in b.defects], np.int64)
+
+
+def _to_input(img_u8: np.ndarray) -> np.ndarray:
+    return pair_to_input(img_u8[0], img_u8[1])
+
+
+def sample_crop(rng: random.Random, bd: Board8, size: int):
+    k = rng.randrange(8)
+    img, boxes = dihedral(bd.img, bd.boxes, k)
+    H, W = img.shape[-2:]
+    if len(boxes) and rng.random() < 0.7:
+        x1, y1, x2, y2 = boxes[rng.randrange(len(boxes))]
+        cx, cy = (x1 + x2) / 2 + rng.uniform(-size * 0.4, size * 0.4), \
+            (y1 + y2) / 2 + rng.uniform(-size * 0.4, size * 0.4)
+        x0, y0 = int(np.clip(cx - size / 2, 0, W - size)), int(np.clip(cy - size / 2, 0, H - size))
+    else:
+        x0, y0 = rng.randrange(W - size + 1), rng.randrange(H - size + 1)
+    out, b, t = crop(img, boxes, bd.types, x0, y0, size)
+    return _to_input(out), b, t
+
+
+def train_vision(model: PcbVlm, boards: list[Board8], fc: FinetuneConfig, logf) -> None:
+    rng = random.Random(fc.seed)
+    v = model.vision
+    v.train()
+    opt = torch.optim.AdamW(v.parameters(), lr=fc.lr_a, weight_decay=1e-4)
+    t0, budget = time.time(), fc.minutes_a * 60
+    stride = model.cfg.vision.stride
+    bar = tqdm(total=int(budget), desc="stage A: vision (s)", unit="s", leave=True)
+    step, last = 0, 0
+    while step < fc.steps_a and time.time() - t0 < budget:
+        frac = (time.time() - t0) / budget
+        for g in opt.param_groups:
+            g["lr"] = fc.lr_a * (0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))) * min(1, (step + 1) / 100)
+        xs, bxs, tys = [], [], []
+        for _ in range(fc.batch_a):
+            x, b, t = sample_crop(rng, boards[rng.randrange(len(boards))], fc.crop)
+            xs.append(x), bxs.append(b), tys.append(t)
+        x = torch.from_numpy(np.stack(xs))
+        hs = fc.crop // stride
+        heat_t, box_t, box_m = heatmap_targets(bxs, tys, hs, hs, stride)
+        _, _, heat, box = v.dense(x)
+        focal, l1 = detection_loss(heat, box, heat_t, box_t, box_m)
+        loss = focal + l1
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(v.parameters(), 5.0)
+        opt.step()
+        step += 1
+        if step % 25 == 0:
+            rec = {"stage": "A", "step": step, "s": round(time.time() - t0, 1),
+                   "focal": round(focal.item(), 4), "box_l1": round(l1.item(), 4)}
+            logf.write(json.dumps(rec) + "\n"), logf.flush()
+            bar.set_postfix(focal=f"{focal.item():.3f}", box=f"{l1.item():.3f}", step=step)
+        now = int(time.time() - t0)
+        bar.update(now - last)
+        last = now
+    bar.close()
+    v.eval()
+
+
+@torch.no_grad()
+def calibration_pairs(model: PcbVlm, boards: list[Board8], seed: int) -> tuple[list, list]:
+    """Answer describe-all and typed questions on validation boards; (raw logp, correct) pairs,
+    the raw log-probability read from the decoding state (unrounded)."""
+    from pcbedge.families.pcbvlm.model.quality import is_correct
+    gen = QuestionGenerator(seed=seed + 7, split="train")
+    logps, correct = [], []
+    for bd in tqdm(boards, desc="stage C: calibration answers", unit="board"):
+        enc = model.encode_image(torch.from_numpy(_to_input(bd.img)).unsqueeze(0))
+        boxes = enc["region_boxes"][0].numpy()
+        present = {DEFECT_TYPES[t] for t in bd.types}
+        for qa in gen.for_board_eval(present):
+            state, _ = model.decode(enc, qa.question)
+            used: set = set()
+            for t, k, logp in state.defects:
+                d = {"type": t, "bbox": boxes[k].tolist()}
+                logps.append(logp), correct.append(is_correct(d, bd.boxes, bd.types, used))
+    return logps, correct
+
+
+@torch.no_grad()
+def with_tokenizer(model: PcbVlm, tok) -> PcbVlm:
+    """``model`` moved onto the vocabulary of ``tok``: rows of known tokens are copied, a new
+    word starts as the mean of the rows of the pieces the old tokenizer split it into."""
+    old_tok = model.tokenizer
+    old, new = old_tok.get_vocab(with_added_tokens=True), tok.get_vocab(with_added_tokens=True)
+    if old == new:
+        return model
+    text = replace(model.cfg.text, vocab_size=len(new))
+    fresh = PcbVlm(replace(model.cfg, text=text), tok, model.calibration)
+    skip = ("decoder.tok.weight", "decoder.lm.weight", "decoder.lm.bias")
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if k not in skip},
+                          strict=False)
+    d_old, d_new = model.decoder, fresh.decoder
+    for token, i in new.items():
+        if i >= text.text_vocab:
+            continue  # region pointer tokens: no rows
+        rows = [old[token]] if token in old else \
+            [j for j in old_tok.encode(token, add_special_tokens=False).ids if j < len(old)]
+        if not rows:
+            continue
+        d_new.tok.weight[i] = d_old.tok.weight[rows].mean(0)
+        d_new.lm.weight[i] = d_old.lm.weight[rows].mean(0)
+        d_new.lm.bias[i] = d_old.lm.bias[rows].mean(0)
+    return fresh.eval()
+
+
+def finetune(data_dir, out_dir, fc: FinetuneConfig = FinetuneConfig(), list_file="trainval.txt"):
+    """Train the reference model from scratch on the train part of ``data_dir``'s trainval list;
+    calibrate on the validation part; save in the Hugging Face layout to ``out_dir``."""
+    from pcbedge.families.pcbvlm.model.quality import calibrate_quality
+    from pcbedge.families.pcbvlm.model.train_lm import cache_vision, fit_platt, train_decoder
+    torch.manual_seed(fc.seed)
+    torch.set_num_threads(fc.threads)
+    random.seed(fc.seed), np.random.seed(fc.seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    train_b, val_b = split_trainval(read_list(data_dir, list_file))
+    if fc.init_from:  # continue from a saved model: its config and weights, today's vocabulary
+        model = with_tokenizer(PcbVlm.from_pretrained(fc.init_from),
+                               build_tokenizer(vocabulary_corpus(), PcbVlmConfig().vision.num_regions))
+        model.calibration = {"a": 1.0, "b": 0.0}
+        cfg = model.cfg
+    else:
+        tok = build_tokenizer(vocabulary_corpus(), PcbVlmConfig().vision.num_regions)
+        cfg = PcbVlmConfig(text=TextConfig(vocab_size=tok.get_vocab_size()))
+        model = PcbVlm(cfg, tok)
+    train = [Board8(b, cfg.input_size) for b in tqdm(train_b, desc="loading train boards")]
+    val = [Board8(b, cfg.input_size) for b in tqdm(val_b, desc="loading validation boards")]
+    with open(out / "train_log.jsonl", "w") as logf:
+        if fc.minutes_a > 0:
+            train_vision(model, train, fc, logf)
+        model.save_pretrained(out / "checkpoint_stage_a")
+        items = cache_vision(model, train, fc.n_dihedral, fc.match_iou)
+        train_decoder(model, items, fc, logf)
+        del items
+        model.save_pretrained(out / "checkpoint_stage_b")
+        logps, correct = calibration_pairs(model, val, fc.seed)
+        model.calibration = fit_platt(logps, correct)
+        logf.write(json.dumps({"stage": "C", **model.calibration}) + "\n")
+        if fc.quality_calibration:
+            block = calibrate_quality(model, val, fc.seed)
+            logf.write(json.dumps({"stage": "C2", **block}) + "\n")
+    info = {"finetune_config": asdict(fc), "train_boards": len(train), "val_boards": len(val),
+            "minutes": round((time.time() - t_start) / 60, 1), "torch_threads": fc.threads,
+            "split": "per group, last 20% of sorted ids are validation"}
+    model.save_pretrained(out, extra_generation={"training": info})
+    return model, info

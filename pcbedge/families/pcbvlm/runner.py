@@ -1,0 +1,165 @@
+"""The reference PCB VLM's bundle on ONNX Runtime: no torch anywhere on this path.
+
+prepare (``load_pair`` at the manifest's input size: aligned test, template, |difference|) ->
+``vision`` graph (visual tokens, region proposals, token scores) -> optional visual-token pruning
+-> ``decoder_prefill`` -> cached ``decoder_step`` calls under the answer grammar (the decoder
+points at proposals, so every reported box is a proposal: grounded by construction) -> answer
+JSON with boxes in original pixels.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pcbedge.data.preprocess import load_pair, prepare_pair
+from pcbedge.errors import BundleError, InputImageError
+from pcbedge.families.pcbvlm.grammar import DecodeState, build_answer
+from pcbedge.families.pcbvlm.tokenizer import encode_question
+from pcbedge.runtime import validate_max_new_tokens, validate_question
+from pcbedge.runtime.protocol import Encoded, Prepared, Runner, ms_since
+from pcbedge.runtime.pruning import TokenPruningConfig, as_pruning_config, select_tokens
+from pcbedge.runtime.sessions import load_tokenizer, open_sessions, require_graphs
+
+PARSER = "pcbvlm-pointer-v2"
+GRAPHS = ("vision", "decoder_prefill", "decoder_step")
+
+
+def prepare_board(image, template, size: int) -> Prepared:
+    """Paths (decoded, aligned) or uint8 grayscale arrays of one size -> Prepared [3, S, S]."""
+    if isinstance(image, np.ndarray) and isinstance(template, np.ndarray):
+        if image.shape != template.shape:
+            raise InputImageError(f"template {template.shape} and board {image.shape} differ in "
+                                  "size", fix="pass aligned pairs of one size")
+        x, meta = prepare_pair(image, template, size, ("<array>", "<array>"))
+    else:
+        x, meta = load_pair(image, template, size)
+    return Prepared(x, meta)
+
+
+def as_prepared(prepared) -> Prepared:
+    """A Prepared, or a bare preprocessed array [3, H, W] (no geometry: boxes in input pixels)."""
+    return prepared if isinstance(prepared, Prepared) else Prepared(prepared)
+
+
+def check_input(x, multiple: int) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    x = x[None] if x.ndim == 3 else x
+    if x.ndim != 4 or x.shape[:2] != (1, 3) or x.shape[2] % multiple or x.shape[3] % multiple:
+        raise InputImageError(f"model input has shape {tuple(x.shape)}, expected [3, H, W] "
+                              f"with H and W multiples of {multiple}",
+                              fix="prepare it with runner.prepare(image, template)")
+    return np.ascontiguousarray(x)
+
+
+class PcbVlmOnnxRunner(Runner):
+    """ONNX Runtime runner of a ``pcbvlm`` bundle; sessions are opened once."""
+
+    def __init__(self, bundle_dir: str | Path, manifest: dict | None = None, *,
+                 threads: int | None = None, providers: list[str] | None = None,
+                 pruning=None, verify: bool = True):
+        from pcbedge.bundle.manifest import read_manifest, verify_files
+
+        bundle_dir = Path(bundle_dir)
+        if manifest is None:
+            manifest = read_manifest(bundle_dir)
+            if verify:
+                verify_files(bundle_dir, manifest)
+        require_graphs(bundle_dir, manifest, GRAPHS)
+        parser = manifest["answer"].get("parser")
+        if parser != PARSER:
+            raise BundleError(f"bundle {bundle_dir} uses the answer parser {parser!r}, unknown "
+                              f"to this pcbedge (known: {PARSER})", fix="upgrade pcbedge")
+        self.bundle_dir, self.manifest = bundle_dir, manifest
+        self.grammar = manifest["answer"]["grammar"]
+        self.input_size = int(manifest["input_size"])
+        self.size_multiple = int(manifest.get("size_multiple", 32))
+        self.max_text_len = int(manifest["max_text_len"])
+        self.max_question_tokens = int(manifest["max_question_tokens"])
+        self.token_scores = dict(manifest["token_scores"])
+        self.pruning = as_pruning_config(manifest["pruning"] if pruning is None else pruning)
+        self.tokenizer = load_tokenizer(bundle_dir, manifest)
+        self.ort = open_sessions(bundle_dir, manifest, threads=threads, providers=providers)
+        self.sessions, self.providers, self.threads = (self.ort.sessions, self.ort.providers,
+                                                       self.ort.threads)
+
+    def close(self) -> None:
+        self.sessions.clear()
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def encode_question(self, question: str) -> list[int]:
+        return encode_question(self.tokenizer, validate_question(question),
+                               self.max_question_tokens)
+
+    def prepare(self, image, template=None) -> Prepared:
+        self.check_template(template)
+        return prepare_board(image, template, self.input_size)
+
+    def encode(self, prepared) -> Encoded:
+        """The vision graph on one prepared board (or a bare input array [3, H, W])."""
+        prepared = as_prepared(prepared)
+        x = check_input(prepared.inputs, self.size_multiple)
+        t0 = time.perf_counter()
+        out = self.sessions["vision"].run(None, {"pixel_values": x})
+        return Encoded(dict(zip(self.ort.output_names("vision"), out)), prepared, ms_since(t0))
+
+    def keep_indices(self, enc: Encoded, pruning: TokenPruningConfig) -> np.ndarray | None:
+        """Visual tokens kept by ``pruning`` (ascending), or None to keep them all."""
+        if not pruning.enabled:
+            return None
+        name = self.token_scores.get(pruning.method)
+        if name not in enc.outputs:
+            raise BundleError(f"bundle {self.bundle_dir} has no token score output for pruning "
+                              f"method {pruning.method!r}",
+                              fix=f"use one of: none, {', '.join(self.token_scores)}")
+        return select_tokens(enc.outputs[name][0], pruning)
+
+    def answer(self, encoded: Encoded, question: str, *, max_new_tokens: int = 64,
+               pruning=None) -> dict:
+        """Answer ``question`` from the vision outputs of :meth:`encode`."""
+        t_start = time.perf_counter()
+        validate_max_new_tokens(max_new_tokens)
+        ids = self.encode_question(question)
+        cfg = self.pruning if pruning is None else as_pruning_config(pruning)
+        out_v = encoded.outputs
+        vis, reg = out_v["visual_tokens"], out_v["region_tokens"]
+        n_total = int(vis.shape[1])
+        keep = self.keep_indices(encoded, cfg)
+        if keep is not None:
+            vis = np.ascontiguousarray(vis[:, keep])
+        state = DecodeState(self.grammar, out_v["region_scores"][0], out_v["region_boxes"][0])
+        t0 = time.perf_counter()
+        logits, past = self.sessions["decoder_prefill"].run(
+            ["logits", "present"], {"visual_tokens": vis, "region_tokens": reg,
+                                    "input_ids": np.asarray([ids], dtype=np.int64)})
+        prefill_ms = ms_since(t0)
+        t0 = time.perf_counter()
+        step = self.sessions["decoder_step"]
+        pos, out = len(ids), []
+        for _ in range(max_new_tokens):
+            tok = state.step(logits[0])
+            out.append(tok)
+            if state.done or pos >= self.max_text_len - 1:
+                break
+            logits, past = step.run(["logits", "present"], {
+                "input_ids": np.array([[tok]], dtype=np.int64),
+                "positions": np.array([[pos]], dtype=np.int64),
+                "region_tokens": reg, "past": past})
+            pos += 1
+        decode_ms = ms_since(t0)
+        meta = encoded.meta
+        to_orig = meta.to_original if meta is not None else (lambda b: list(b))
+        quality = meta.quality_dict() if meta is not None else None
+        ans = build_answer(state, out_v["region_boxes"][0], to_orig, question, quality=quality)
+        ans["raw"] = self.tokenizer.decode(out, skip_special_tokens=False)
+        ans["token_ids"] = out
+        ans["latency_ms"] = {"preprocess": encoded.prepared.preprocess_ms,
+                             "vision": encoded.vision_ms, "prefill": prefill_ms,
+                             "decode": decode_ms,
+                             "total": round(encoded.vision_ms + ms_since(t_start), 3)}
+        ans["info"] = {"visual_tokens_kept": int(vis.shape[1]), "visual_tokens_total": n_total,
+                       "pruning": cfg.to_dict(), "new_tokens": len(out),
+                       "engine": "onnxruntime", "providers": self.providers}
+        return ans

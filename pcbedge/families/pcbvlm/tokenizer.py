@@ -1,0 +1,64 @@
+"""Tokenizer of the reference PCB VLM, built with the `tokenizers` library (no torch).
+
+WordPiece over lower-cased, accent-stripped words. The vocabulary is computed here, not by a
+trainer (the `tokenizers` WordPiece trainer breaks frequency ties differently from process to
+process, which made training non-reproducible): every whole word of the *training* phrasings,
+then single characters and their ``##`` continuations plus a few English suffixes, so a word
+the model never saw reaches it as known pieces ("shortings" -> "short ##ing ##s"), never as a
+guess. The answer language's special tokens come first (fixed ids); the region pointer tokens
+``<r_0> .. <r_{K-1}>`` are the last K ids, whose logits come from the pointer head.
+"""
+from __future__ import annotations
+
+import string
+
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import WordPiece
+
+from pcbedge.families.pcbvlm.grammar import SPECIAL_TOKENS
+
+MAX_QUESTION_CHARS = 2000
+_NEUTRALISE = str.maketrans({c: " " for c in "<>[]"})
+SUFFIXES = ("s", "es", "ed", "ing", "ings", "er", "ers", "ly", "ies")
+
+
+def _normalizer():
+    return normalizers.Sequence([normalizers.NFKD(), normalizers.StripAccents(),
+                                 normalizers.Lowercase()])
+
+
+def _pre_tokenizer():
+    return pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+
+
+def build_tokenizer(corpus: list[str], num_regions: int) -> Tokenizer:
+    norm, pre = _normalizer(), _pre_tokenizer()
+    words = set()
+    for line in corpus:
+        words.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(line)))
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    pieces = ([c for c in chars] + [f"##{c}" for c in string.ascii_lowercase + string.digits]
+              + [f"##{s}" for s in SUFFIXES])
+    vocab: dict[str, int] = {}
+    for tok in list(SPECIAL_TOKENS) + sorted(words) + pieces:
+        vocab.setdefault(tok, len(vocab))
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=40))
+    tok.normalizer, tok.pre_tokenizer = norm, pre
+    tok.decoder = decoders.WordPiece()
+    tok.add_special_tokens(list(SPECIAL_TOKENS) + [f"<r_{k}>" for k in range(num_regions)])
+    full = tok.get_vocab(with_added_tokens=True)
+    first = full["<r_0>"]
+    assert all(full[f"<r_{k}>"] == first + k for k in range(num_regions))
+    assert first + num_regions == tok.get_vocab_size(with_added_tokens=True)
+    return tok
+
+
+def encode_question(tok: Tokenizer, question: str, max_len: int) -> list[int]:
+    """``<bos> question-pieces <sep>``, the question cut to ``max_len - 2`` pieces."""
+    vocab = tok.get_vocab(with_added_tokens=True)
+    # brackets never carry meaning in an inspector's question, and removing them keeps a typed
+    # "<eos>" or "<r_3>" from being read as the answer language's own tokens
+    text = question[:MAX_QUESTION_CHARS].translate(_NEUTRALISE)
+    ids = tok.encode(text, add_special_tokens=False).ids
+    body = ids[: max_len - 2]
+    return [vocab["<bos>"], *body, vocab["<sep>"]]
