@@ -42,6 +42,7 @@ QUANTIZABLE_OPS = ("Add", "ArgMax", "AveragePool", "BatchNormalization", "Clip",
                    "Transpose", "Unsqueeze", "Where")
 TOKEN_STRIDE = 32  # the vision tower's visual-token stride: input_size must be a multiple
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+BUSY_MACHINE_ACTIONS = ("flag", "refuse")  # what bench does on a busy machine (docs/bench.md)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,15 @@ class GateConfig:
 
 
 @dataclass(frozen=True)
+class BenchConfig:
+    """How ``pcbedge bench`` treats a busy machine: flag the run, or refuse to time it."""
+
+    busy_machine: str = "flag"
+    max_other_cpu_pct: float = 20.0
+    max_other_runnable_per_cpu: float = 0.25
+
+
+@dataclass(frozen=True)
 class TargetProfile:
     """One deployment target, as written in ``pcbedge/targets/<name>.toml``."""
 
@@ -120,6 +130,7 @@ class TargetProfile:
     latency_budget_ms: float
     gates: GateConfig
     spin_wait: str = DEFAULT_SPIN_WAIT
+    bench: BenchConfig = BenchConfig()
     source: str = ""  # the file it was loaded from, for messages and manifests
 
     def as_dict(self) -> dict:
@@ -227,8 +238,12 @@ SECTIONS: dict[str, tuple[type, dict]] = {
         "max_count_drop": (_number(0.0, 1.0), 0.01),
         "max_hallucination_rise": (_number(0.0, 1.0), 0.0),
         "min_map": (_number(0.0, 1.0), 0.90)}),
+    "bench": (BenchConfig, {
+        "busy_machine": (_choice(*BUSY_MACHINE_ACTIONS), "flag"),
+        "max_other_cpu_pct": (_number(0.0, 100.0), 20.0),
+        "max_other_runnable_per_cpu": (_number(0.0), 0.25)}),
 }
-OPTIONAL_SECTIONS = ("tensorrt", "gates")
+OPTIONAL_SECTIONS = ("tensorrt", "gates", "bench")
 
 
 def _fail(src: str, field: str, value: Any, valid: str, fix: str | None = None) -> TargetError:
