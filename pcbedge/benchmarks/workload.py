@@ -140,12 +140,12 @@ def answer_boards(runner, workload: Workload, *, degrade: Degrade | None = None,
                   describe_only: bool = False, progress: bool = True,
                   desc: str = "accuracy") -> list[list[dict]]:
     """answers[i][k]: the answer to question k of board i (one vision pass per board)."""
-    from tqdm import tqdm
+    from pcbedge.benchmarks.progress import progress as tqdm  # a bar on a tty, lines in a log
 
     size = runner_input_size(runner)
     out: list[list[dict]] = []
     for i, board in enumerate(tqdm(workload.boards, desc=desc, unit="board",
-                                   disable=not progress, leave=False)):
+                                   enabled=progress)):
         x, meta = board_input(board, size, degrade)
         enc = runner.encode(x)
         qs = workload.board_queries(i)
@@ -179,7 +179,7 @@ def latency_pass(runner, workload: Workload, *, queries: int, min_seconds: float
                  start: int = 0, progress: bool = True, on_query: Callable | None = None) -> dict:
     """SingleStream: ``warmup`` unmeasured queries, then one at a time until at least ``queries``
     measured AND ``min_seconds`` elapsed. ``on_query()`` runs after each measured query (RSS)."""
-    from tqdm import tqdm
+    from pcbedge.benchmarks.progress import progress as tqdm  # a bar on a tty, lines in a log
 
     n_work = len(workload.queries)
     k = start
@@ -187,7 +187,7 @@ def latency_pass(runner, workload: Workload, *, queries: int, min_seconds: float
         _one_query(runner, workload, workload.queries[k % n_work])
         k += 1
     records: list[dict] = []
-    bar = tqdm(total=queries, desc="latency", unit="q", disable=not progress, leave=False)
+    bar = tqdm(total=queries, desc="latency", unit="q", enabled=progress)
     t_start = time.perf_counter()
     while len(records) < queries or time.perf_counter() - t_start < min_seconds:
         q = workload.queries[k % n_work]
