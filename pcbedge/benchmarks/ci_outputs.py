@@ -251,7 +251,8 @@ def render_markdown(report: dict) -> str:
             f"- other processes' CPU share before / during: "
             f"{_f(before.get('other_cpu_pct_median'), 3)}% / "
             f"{_f(during.get('other_cpu_pct_median'), 3)}%; other runnable tasks: "
-            f"{_f(before.get('other_runnable_median'))} / {_f(during.get('other_runnable_median'))}",
+            f"{_f(before.get('other_runnable_median'))} / "
+            f"{_f(during.get('other_runnable_median'))}",
             f"- CPU governor: {(ms.get('cpu_frequency') or {}).get('governor')}; Jetson power "
             f"mode: {(ms.get('jetson') or {}).get('power_mode') or 'n/a'}", ""]
     return "\n".join(out)

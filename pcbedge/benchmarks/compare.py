@@ -21,8 +21,8 @@ A latency change is called **significant** only when it is statistically signifi
 least :data:`MIN_EFFECT_PCT` percent: run-to-run variation on one machine (clock, cache, memory
 placement, a neighbour on the host) is not in a within-run interval (asv's compare applies a
 factor 1.1 for the same reason; on the shared 2-core VM of docs/bench.md the same bundle's P50
-moved by up to 40% between runs with no load visible inside the VM). Regression gates (:data:`REGRESSION_GATES`) fail on a statistically significant change
-beyond their allowance.
+moved by up to 40% between runs with no load visible inside the VM). Regression gates
+(:data:`REGRESSION_GATES`) fail on a statistically significant change beyond their allowance.
 """
 from __future__ import annotations
 

@@ -45,7 +45,8 @@ def verdict_html(report: dict) -> str:
 
 
 def _card(key: str, value: str) -> str:
-    return f'<div class="card"><div class="v">{_esc(value)}</div><div class="k">{_esc(key)}</div></div>'
+    return (f'<div class="card"><div class="v">{_esc(value)}</div>'
+            f'<div class="k">{_esc(key)}</div></div>')
 
 
 def run_html(report: dict) -> str:
@@ -66,7 +67,8 @@ def run_html(report: dict) -> str:
              ("bundle size", f"{_fmt(report.get('bundle_size_mb'))} MB"),
              ("boards / questions", f"{_fmt(w.get('n_boards'))} / {_fmt(w.get('n_questions'))}"),
              ("timed queries", _fmt(lat.get("n"))),
-             ("threads", _fmt(env.get("threads"))),
+             ("threads", "runtime default" if env.get("threads") is None
+              else _fmt(env.get("threads"))),
              ("date (UTC)", str(report.get("created_utc", "n/a")).replace("+00:00", ""))]
     return '<div class="cards">' + "".join(_card(k, v) for k, v in cards) + "</div>"
 
