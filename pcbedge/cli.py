@@ -97,6 +97,9 @@ def build(target, export_dir, calibration, calibration_list, out_dir, keep_ratio
 
 
 GATE_OPTIONS = ("p95_ms_max", "max_map_drop", "max_count_drop", "max_hallucination_rise", "min_map")
+# pcbedge.benchmarks.compare.REGRESSION_GATES, written out so --help stays light
+REGRESSION_OPTIONS = ("max_p50_regression_pct", "max_p95_regression_pct",
+                      "max_question_accuracy_drop", "max_count_match_drop", "max_agreement_drop")
 
 
 @cli.command()
@@ -118,18 +121,34 @@ GATE_OPTIONS = ("p95_ms_max", "max_map_drop", "max_count_drop", "max_hallucinati
 @click.option("--warmup", type=click.IntRange(min=0), help="Untimed queries before timing.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: the profile's).")
 @click.option("--quiet", is_flag=True, help="No progress bars or summary table.")
+@click.option("--compare", "baseline", type=click.Path(path_type=Path),
+              help="A previous run's report.json: differences with their uncertainty.")
+@click.option("--max-p50-regression-pct", type=float, help="Vs --compare: P50 rise allowed (%).")
+@click.option("--max-p95-regression-pct", type=float, help="Vs --compare: P95 rise allowed (%).")
+@click.option("--max-question-accuracy-drop", type=float,
+              help="Vs --compare: question accuracy drop allowed.")
+@click.option("--max-count-match-drop", type=float, help="Vs --compare: count match drop allowed.")
+@click.option("--max-agreement-drop", type=float,
+              help="Vs --compare: FP32 answer agreement drop allowed.")
+@click.option("--busy-machine", type=click.Choice(["flag", "refuse"]),
+              help="On a busy machine: time and flag, or refuse (exit 4). Default: the profile's.")
 def bench(bundle, data, list_file, reference, out_dir, queries, min_seconds, sweep, robustness,
-          max_boards, warmup, threads, quiet, **gate_values) -> None:
+          max_boards, warmup, threads, quiet, baseline, busy_machine, **gate_values) -> None:
     """Measure a bundle's latency and accuracy drift against gates.
 
-    Exits with code 3 when a gate is missed."""
+    Writes report.json, report.html, junit.xml and summary.md. Exits with code 3 when a gate is
+    missed, 4 when the machine is busy and the profile (or --busy-machine) says refuse."""
     from pcbedge import api
     gates = {k: v for k, v in gate_values.items() if k in GATE_OPTIONS and v is not None}
+    regression = {k: v for k, v in gate_values.items() if k in REGRESSION_OPTIONS
+                  and v is not None}
+    extra = {k: v for k, v in (("compare", baseline), ("regression_gates", regression or None),
+                               ("busy_machine", busy_machine)) if v is not None}
     report = api.run_benchmark(bundle, data=data, list_file=list_file, reference=reference,
                                out_dir=out_dir, queries=queries, min_seconds=min_seconds,
                                gates=gates, sweep=sweep, robustness=robustness,
                                max_boards=max_boards, warmup=warmup, threads=threads,
-                               progress=not quiet)
+                               progress=not quiet, **extra)
     if not report["passed"]:
         raise GateFailed(f"benchmark of {bundle}: gate(s) missed: {_failed_gates(report)}",
                          fix="see the report; rebuild with another recipe or relax the gate")
@@ -280,6 +299,12 @@ def _run_batch(runner, items, batch: Path, out: Path, kw: dict) -> None:
             f.write(json.dumps({"id": item["id"], **ans}, default=_jsonable) + "\n")
 
 
+def _chmod_umask(path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 @contextmanager
 def _atomic_path(path: Path, suffix: str = ".tmp"):
     """A temporary path beside ``path``, renamed onto it only if the block succeeds."""
@@ -288,6 +313,7 @@ def _atomic_path(path: Path, suffix: str = ".tmp"):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
         os.close(fd)
+        _chmod_umask(tmp)  # mkstemp makes 0600; an output is shared like any file the user makes
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}",
                           fix="choose a writable folder") from None

@@ -89,8 +89,15 @@ class GateFailed(PcbEdgeError):
     exit_code = 3
 
 
+class MachineBusy(PcbEdgeError):
+    """The bench machine was busy and the profile says to refuse timing on a busy machine
+    (``[bench] busy_machine = "refuse"``). Not a user mistake: retry on a quiet machine."""
+
+    exit_code = 4
+
+
 ALL_ERRORS: tuple[type[PcbEdgeError], ...] = (
     PcbEdgeError, InputImageError, DatasetError, QuestionError, TargetError, CalibrationError,
     ModelError, BundleError, HardwareMismatchError, ExportError, OutputError, DependencyError,
-    GateFailed,
+    GateFailed, MachineBusy,
 )

@@ -14,17 +14,20 @@ import gc
 import json
 import os
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pcbedge.benchmarks import accuracy as acc_mod
+from pcbedge.benchmarks import compare as compare_mod
 from pcbedge.benchmarks import gates as gates_mod
+from pcbedge.benchmarks import machine_state as ms_mod
 from pcbedge.benchmarks import workload as wl
 from pcbedge.benchmarks.environment import (collect_environment, manifest_sha256,
                                             read_manifest_json)
 from pcbedge.benchmarks.metrics import latency_summary
-from pcbedge.errors import BundleError, GateFailed, OutputError, PcbEdgeError
+from pcbedge.errors import BundleError, GateFailed, MachineBusy, OutputError, PcbEdgeError
 
 SCHEMA_VERSION = 1
 GALLERY_MAX = 24
@@ -188,8 +191,8 @@ def build_gallery(workload: wl.Workload, answers: list[list[dict]],
         board = workload.boards[i]
         kinds = [q.qa.kind for q in workload.board_queries(i)]
         ans = answers[i][kinds.index("describe")]
-        caption = f"{workload.board_queries(i)[kinds.index('describe')].qa.question} -> " \
-                  f"{str(ans.get('answer', ''))[:240]}"
+        answer = textwrap.shorten(str(ans.get("answer", "")), 240, placeholder=" [...]")
+        caption = f"{workload.board_queries(i)[kinds.index('describe')].qa.question} -> {answer}"
         cards.append({"id": f"{board.group}/{board.id}", "n_missed": missed, "n_false": false,
                       "caption": caption,
                       "png_bytes": render_boxes_png(read_gray(board.test_path), gt, preds[i])})
@@ -205,8 +208,9 @@ def _write_outputs(out: Path, report: dict, workload: wl.Workload,
                         default=_json_default) for b, p in zip(workload.boards, preds)]
     _write_atomic(out / "predictions.jsonl", "\n".join(lines) + "\n")
     report["outputs"] = {k: str(out / k) for k in ("report.json", "predictions.jsonl",
-                                                   "report.html")}
+                                                   "report.html", "junit.xml", "summary.md")}
     _write_atomic(out / "report.json", json.dumps(report, indent=2, default=_json_default) + "\n")
+    _write_ci_outputs(out, report)
     # The HTML draws CDFs from the raw per-stage samples, not from the JSON's summaries.
     html_view = {**report, "latency_ms_by_stage": {
         k: v for k, v in report["latency_samples_ms"].items() if k != "kind"}}
@@ -244,10 +248,53 @@ def print_summary(report: dict, out: Path) -> None:
     echo("drift      " + (f"answer agreement {_f(d['answer_agreement'])}, mAP delta "
                           f"{_f(d['delta']['deeppcb_map'])}" if d.get("available")
                           else f"none ({d.get('reason')})"))
+    ms = report.get("machine_state") or {}
+    if ms.get("busy"):
+        echo("MACHINE BUSY (latency not trustworthy): " + "; ".join(ms.get("reasons") or []))
+    for name, row in ((report.get("compare") or {}).get("rows") or {}).items():
+        if row.get("significant"):
+            echo(f"  vs baseline {name:<18}{_f(row['baseline'])} -> {_f(row['current'])}  "
+                 f"p={_f(row.get('p_value'))}  {row['change']}")
     for name, g in report["gates"].items():
         verdict = {"passed": "PASS", "failed": "FAIL"}.get(g["status"], "skip")
         echo(f"  gate {name:<24}{_f(g['value']):>10} {g['op']} {_f(g['limit']):<10}{verdict}")
     echo(f"{'PASSED' if report['passed'] else 'FAILED'}  (report: {out / 'report.html'})")
+
+
+def _write_ci_outputs(out: Path, report: dict) -> None:
+    """junit.xml (one test case per gate) and summary.md (a CI job summary)."""
+    from pcbedge.benchmarks.ci_outputs import render_junit, render_markdown
+    _write_atomic(out / "junit.xml", render_junit(report))
+    _write_atomic(out / "summary.md", render_markdown(report))
+
+
+def _bundle_size_mb(bundle: Path) -> float:
+    return sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) / 2 ** 20
+
+
+def _check_machine(out: Path, bundle: Path, policy, progress: bool) -> dict:
+    """Sample the machine before timing; on a busy one flag it, or refuse (MachineBusy) after
+    writing junit.xml and summary.md that say why (nothing is timed, no report.json)."""
+    import click
+
+    before = ms_mod.precheck()
+    verdict = ms_mod.judge_busy(before, None, policy)
+    if not verdict["busy"]:
+        return before
+    why = "; ".join(verdict["reasons"])
+    if policy.action == "refuse":
+        block = {**ms_mod.machine_block(before, None, policy), "refused": True}
+        _write_ci_outputs(out, {"title": f"pcbedge bench: {bundle.name}", "bundle": str(bundle),
+                                "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(
+                                    timespec="seconds"), "passed": False, "gates": {},
+                                "machine_state": block})
+        raise MachineBusy(f"benchmark of {bundle} refused: the machine is busy: {why}",
+                          fix="rerun on a quiet machine, or set [bench] busy_machine = \"flag\" "
+                              "in the target profile (--busy-machine flag) to time and flag it")
+    if progress:
+        click.echo(f"warning: the machine is busy ({why}); timing anyway, the report is "
+                   "flagged", err=True)
+    return before
 
 
 # ----------------------------------------------------------------------------- the verb
@@ -274,8 +321,10 @@ def _measure_bundle(bundle: Path, workload: wl.Workload, manifest: dict, *, quer
     rss = _Rss()
     runner, cold = _cold_start(bundle, workload, threads, rss)
     rss_before = rss.sample()
-    lat = wl.latency_pass(runner, workload, queries=queries, min_seconds=min_seconds,
-                          warmup=warmup, start=1, progress=progress, on_query=rss.sample)
+    with ms_mod.Sampler() as sampler:  # is the machine busy while we time? (docs/bench.md)
+        lat = wl.latency_pass(runner, workload, queries=queries, min_seconds=min_seconds,
+                              warmup=warmup, start=1, progress=progress, on_query=rss.sample)
+    lat["machine_during"] = sampler.summary()
     rss_after = rss.sample()
     answers = wl.answer_boards(runner, workload, progress=progress)
     accuracy = acc_mod.score_accuracy(workload, answers)
@@ -305,6 +354,7 @@ def _drift(ref_path: Path | None, ref_note: str, workload: wl.Workload, run: _Ru
                                 acc_mod.score_accuracy(workload, ref_answers))
     drift.update(reference=str(ref_path), reference_manifest_sha256=manifest_sha256(ref_path),
                  chosen=ref_note)
+    drift["question_agreement"] = compare_mod.agreement_flags(run.answers, ref_answers)
     return drift
 
 
@@ -340,13 +390,18 @@ def _assemble(bundle: Path, workload: wl.Workload, run: _Run, drift: dict, sweep
 
 def run_benchmark(bundle, *, data=None, list_file=None, reference=None, out_dir="bench-out",
                   queries=200, min_seconds=10.0, warmup=5, gates=None, sweep=False,
-                  robustness=False, max_boards=None, threads=None, progress=True) -> dict:
+                  robustness=False, max_boards=None, threads=None, progress=True,
+                  compare=None, regression_gates=None, busy_machine=None) -> dict:
     """Benchmark ``bundle`` (a bundle folder, or a model folder for the PyTorch reference).
 
     Returns the report dict (also ``out_dir/report.json``). Raises GateFailed after writing
     every output when a gate is missed. ``None`` for out_dir / queries / min_seconds / warmup
     means the default (what the CLI passes for an option not given). ``progress=False``
-    silences the progress bars and the terminal summary.
+    silences the progress bars and the terminal summary. ``compare``: a baseline report.json
+    (docs/bench.md "Compare"), with optional ``regression_gates={name: allowance}``.
+    ``busy_machine`` ("flag" / "refuse") overrides the profile's ``[bench] busy_machine``;
+    refusing raises MachineBusy (exit 4) before timing, or after writing the outputs when the
+    machine became busy during the latency pass.
     """
     out_dir = DEFAULTS["out_dir"] if out_dir is None else out_dir
     pass_args = {"queries": DEFAULTS["queries"] if queries is None else queries,
@@ -365,7 +420,14 @@ def run_benchmark(bundle, *, data=None, list_file=None, reference=None, out_dir=
     limits = gates_mod.resolve_limits(manifest, gates)  # a bad gate fails before the long run
     workload = wl.load_workload(data, list_file, max_boards)
     ref_path, ref_note = resolve_reference(bundle, manifest, reference)
+    policy = ms_mod.resolve_policy(manifest, busy_machine)
+    regression = compare_mod.check_regression_limits(regression_gates)
+    baseline = compare_mod.load_baseline(compare) if compare is not None else None
+    if regression and baseline is None:
+        raise PcbEdgeError("regression gates need a baseline report",
+                           fix="pass compare= (--compare BASELINE/report.json)")
     out = _prepare_out(out_dir)
+    before = _check_machine(out, bundle, policy, progress)
 
     run = _measure_bundle(bundle, workload, manifest, robustness=robustness, threads=threads,
                           progress=progress, **pass_args)
@@ -376,13 +438,25 @@ def run_benchmark(bundle, *, data=None, list_file=None, reference=None, out_dir=
         sweep_rows = run_sweep(bundle, ref_path, run.manifest, workload, threads=threads,
                                progress=progress, **pass_args)
     report = _assemble(bundle, workload, run, drift, sweep_rows, pass_args)
+    report["bundle_size_mb"] = _bundle_size_mb(bundle)
+    report["machine_state"] = ms_mod.machine_block(before, run.lat["machine_during"], policy)
+    report["paired"] = compare_mod.paired_records(workload, run.answers,
+                                                  drift.pop("question_agreement", None))
     report["gates"] = gates_mod.evaluate_gates(limits, report)
+    if baseline is not None:
+        report["compare"] = compare_mod.compare_reports(baseline, report)
+        report["gates"].update(compare_mod.evaluate_regression_gates(regression,
+                                                                     report["compare"]))
     failed = gates_mod.failed_gates(report["gates"])
     report["passed"] = not failed
     report["failed_gates"] = failed
     _write_outputs(out, report, workload, run.answers)
     if progress:
         print_summary(report, out)
+    if report["machine_state"]["busy"] and policy.action == "refuse":
+        raise MachineBusy(f"benchmark of {bundle}: the machine became busy during the timed "
+                          f"pass: {'; '.join(report['machine_state']['reasons'])} (report in "
+                          f"{out}, flagged)", fix="rerun on a quiet machine")
     if failed:
         raise GateFailed(f"benchmark of {bundle}: gate(s) missed: "
                          f"{gates_mod.describe_failures(report['gates'])} (report in {out})",

@@ -30,7 +30,8 @@ CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;
 text-align:left;font-size:14px}.pass{color:#2a7d2a;font-weight:bold}.fail{color:#b00;
 font-weight:bold}figure{display:inline-block;margin:6px;vertical-align:top;max-width:420px}
-figure img{max-width:100%;border:1px solid #aaa}figcaption{font-size:13px}
+figure img{max-width:100%;border:1px solid #aaa}figcaption{font-size:14px;
+line-height:1.35;overflow-wrap:break-word}
 svg text{font-size:11px;font-family:sans-serif}"""
 
 
@@ -277,27 +278,45 @@ def _dict(report: dict, key: str) -> dict:
 
 
 def _sections(report: dict, gallery: list[dict]) -> list[tuple[str, str]]:
+    from pcbedge.benchmarks import report_sections as rs
+
     acc = _dict(report, "accuracy")
     lat = _dict(report, "latency_ms_by_stage")
     ap = {"IoU>0.33": acc.get("per_type_ap_033"), "IoU>0.5": acc.get("per_type_ap_05")}
+    gallery_body = _gallery_html(gallery or [])
     candidates = [
         ("Gates", _gates_html(_dict(report, "gates")) if _dict(report, "gates") else ""),
+        ("Run", rs.run_html(report)),
         ("Latency", _latency_cdf_svg(lat) + _latency_table(lat)),
+        ("Against the baseline", rs.compare_html(report)),
         ("Accuracy", _kv_table(acc) + _ap_bars_svg(ap)),
+        ("Drift", rs.drift_html(report)),
         ("Calibration", _reliability_svg(acc.get("ece_bins") or [], acc.get("ece"))),
         ("Accuracy vs latency", _sweep_svg(report.get("sweep") or [])),
+        ("Machine state", rs.machine_html(report)),
         ("Environment", _kv_table(_dict(report, "environment"))),
-        ("Gallery", _gallery_html(gallery or [])),
+        ("Gallery", rs.gallery_legend_html() + gallery_body if gallery_body else ""),
     ]
     return [(title, body) for title, body in candidates if body]
 
 
+def _section_id(title: str) -> str:
+    return "-".join(title.lower().split())
+
+
 def render_report_html(report: dict, gallery: list[dict]) -> str:
-    """The report as one HTML string (what :func:`write_report_html` writes)."""
+    """The report as one HTML string (what :func:`write_report_html` writes). Each section is a
+    ``<section id=...>`` (the headless-browser test looks them up)."""
+    from pcbedge.benchmarks.report_sections import CSS as CI_CSS, verdict_html
+
     title = _esc(report.get("title", "pcbedge benchmark report"))
-    body = "".join(f"<h2>{_esc(t)}</h2>\n{b}\n" for t, b in _sections(report, gallery))
+    verdict = verdict_html(report)
+    body = (f'<section id="verdict">{verdict}</section>\n' if verdict else "") + "".join(
+        f'<section id="{_section_id(t)}"><h2>{_esc(t)}</h2>\n{b}\n</section>\n'
+        for t, b in _sections(report, gallery))
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"/><title>{title}'
-            f"</title><style>{CSS}</style></head><body><h1>{title}</h1>\n{body}</body></html>\n")
+            f"</title><style>{CSS}\n{CI_CSS}</style></head><body><h1>{title}</h1>\n{body}"
+            "</body></html>\n")
 
 
 def write_report_html(path: str | os.PathLike, report: dict, gallery: list[dict]) -> Path:
@@ -325,9 +344,23 @@ def write_report_html(path: str | os.PathLike, report: dict, gallery: list[dict]
     return path
 
 
+def _place_tag(placed: list, box: tuple, tw: float, th: float, size: tuple[int, int]) -> tuple:
+    """A label rectangle by the box that overlaps no earlier one: above it, then below it,
+    then further rows down; inside the image. Falls back to the first candidate."""
+    x1, y1, x2, y2 = box
+    tx = min(max(0.0, x1), max(0.0, size[0] - tw))
+    rows = [y1 - th] + [y2 + 1 + i * th for i in range(4)] + [y1 - th * (i + 2) for i in range(3)]
+    cands = [(tx, min(max(0.0, y), size[1] - th)) for y in rows]
+    for x, y in cands:
+        if not any(x < p[2] and p[0] < x + tw and y < p[3] and p[1] < y + th for p in placed):
+            return (x, y, x + tw, y + th)
+    x, y = cands[0]
+    return (x, y, x + tw, y + th)
+
+
 def render_boxes_png(gray: np.ndarray, gt: list[dict], pred: list[dict]) -> bytes:
     """PNG of a grayscale board with ground truth in green and predictions in red ("type conf")."""
-    from PIL import Image, ImageDraw  # Pillow only when a gallery is drawn
+    from PIL import Image, ImageDraw, ImageFont  # Pillow only when a gallery is drawn
 
     if not (isinstance(gray, np.ndarray) and gray.ndim == 2 and gray.dtype == np.uint8
             and gray.size):
@@ -336,17 +369,28 @@ def render_boxes_png(gray: np.ndarray, gt: list[dict], pred: list[dict]) -> byte
                               fix="pass the grayscale test image as loaded (np.uint8, 2-D)")
     img = Image.fromarray(gray).convert("RGB")
     draw = ImageDraw.Draw(img)
+    # The gallery shows a 640 px board at ~420 px: a 1/32-of-the-side font reads as ~13 px there
+    # (the bitmap default was 6 px on screen). A filled tag keeps it legible on any background.
+    side = min(img.size)
+    font = ImageFont.load_default(size=max(10, side // 32))
+    line = max(2, side // 213)
     for k, d in enumerate(gt):
-        draw.rectangle(parse_bbox(d, f"gallery ground truth {k}"), outline=(0, 200, 0), width=2)
+        draw.rectangle(parse_bbox(d, f"gallery ground truth {k}"), outline=(0, 200, 0),
+                       width=line)
+    placed: list[tuple[float, float, float, float]] = []
     for k, d in enumerate(pred):
         x1, y1, x2, y2 = parse_bbox(d, f"gallery prediction {k}")
-        draw.rectangle((x1, y1, x2, y2), outline=(230, 0, 0), width=2)
+        draw.rectangle((x1, y1, x2, y2), outline=(230, 0, 0), width=line)
+    for k, d in enumerate(pred):  # tags after every box, so no box line crosses a tag
+        x1, y1, x2, y2 = parse_bbox(d, f"gallery prediction {k}")
         conf = d.get("confidence")
         label = f"{d.get('type', '?')} {conf:.2f}" if isinstance(conf, (int, float)) else \
             str(d.get("type", "?"))
-        # Above the box when there is room, else just inside it, so labels stay on the image.
-        ty = y1 - 11 if y1 >= 11 else y1 + 2
-        draw.text((max(0.0, x1), ty), label, fill=(230, 0, 0))
+        l, t, r, b = draw.textbbox((0, 0), label, font=font)
+        tag = _place_tag(placed, (x1, y1, x2, y2), r - l + 4, b - t + 4, img.size)
+        placed.append(tag)
+        draw.rectangle(tag, fill=(230, 0, 0))
+        draw.text((tag[0] + 2 - l, tag[1] + 2 - t), label, fill=(255, 255, 255), font=font)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()

@@ -127,11 +127,11 @@ def answer_boards(runner, workload: Workload, *, degrade: Degrade | None = None,
                   desc: str = "accuracy") -> list[list[dict]]:
     """answers[i][k]: the answer to question k of board i (one prepare and one vision pass per
     board, through the runner protocol)."""
-    from tqdm import tqdm
+    from pcbedge.benchmarks.progress import progress as tqdm  # a bar on a tty, lines in a log
 
     out: list[list[dict]] = []
     for i, board in enumerate(tqdm(workload.boards, desc=desc, unit="board",
-                                   disable=not progress, leave=False)):
+                                   enabled=progress)):
         enc = runner.encode(board_input(runner, board, degrade))
         qs = workload.board_queries(i)
         if describe_only:
@@ -164,7 +164,7 @@ def latency_pass(runner, workload: Workload, *, queries: int, min_seconds: float
                  start: int = 0, progress: bool = True, on_query: Callable | None = None) -> dict:
     """SingleStream: ``warmup`` unmeasured queries, then one at a time until at least ``queries``
     measured AND ``min_seconds`` elapsed. ``on_query()`` runs after each measured query (RSS)."""
-    from tqdm import tqdm
+    from pcbedge.benchmarks.progress import progress as tqdm  # a bar on a tty, lines in a log
 
     n_work = len(workload.queries)
     k = start
@@ -172,7 +172,7 @@ def latency_pass(runner, workload: Workload, *, queries: int, min_seconds: float
         _one_query(runner, workload, workload.queries[k % n_work])
         k += 1
     records: list[dict] = []
-    bar = tqdm(total=queries, desc="latency", unit="q", disable=not progress, leave=False)
+    bar = tqdm(total=queries, desc="latency", unit="q", enabled=progress)
     t_start = time.perf_counter()
     while len(records) < queries or time.perf_counter() - t_start < min_seconds:
         q = workload.queries[k % n_work]

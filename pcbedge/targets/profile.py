@@ -47,6 +47,7 @@ QUANTIZABLE_OPS = ("Add", "ArgMax", "AveragePool", "BatchNormalization", "Clip",
                    "Transpose", "Unsqueeze", "Where")
 MIN_INPUT_SIZE = 28   # families check their own multiple at build time (manifest size_multiple)
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+BUSY_MACHINE_ACTIONS = ("flag", "refuse")  # what bench does on a busy machine (docs/bench.md)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,15 @@ class GateConfig:
 
 
 @dataclass(frozen=True)
+class BenchConfig:
+    """How ``pcbedge bench`` treats a busy machine: flag the run, or refuse to time it."""
+
+    busy_machine: str = "flag"
+    max_other_cpu_pct: float = 20.0
+    max_other_runnable_per_cpu: float = 0.25
+
+
+@dataclass(frozen=True)
 class TargetProfile:
     """One deployment target, as written in ``pcbedge/targets/<name>.toml``."""
 
@@ -127,6 +137,7 @@ class TargetProfile:
     latency_budget_ms: float
     gates: GateConfig
     spin_wait: str = DEFAULT_SPIN_WAIT
+    bench: BenchConfig = BenchConfig()
     source: str = ""  # the file it was loaded from, for messages and manifests
     # [family.<key>] tables: per model family, sections that replace fields of the base profile
     family_overrides: dict = field(default_factory=dict, compare=False)
@@ -256,8 +267,12 @@ SECTIONS: dict[str, tuple[type, dict]] = {
         "max_count_drop": (_number(0.0, 1.0), 0.01),
         "max_hallucination_rise": (_number(0.0, 1.0), 0.0),
         "min_map": (_number(0.0, 1.0), 0.90)}),
+    "bench": (BenchConfig, {
+        "busy_machine": (_choice(*BUSY_MACHINE_ACTIONS), "flag"),
+        "max_other_cpu_pct": (_number(0.0, 100.0), 20.0),
+        "max_other_runnable_per_cpu": (_number(0.0), 0.25)}),
 }
-OPTIONAL_SECTIONS = ("tensorrt", "gates")
+OPTIONAL_SECTIONS = ("tensorrt", "gates", "bench")
 # sections a [family.<key>] table may change (the hardware fields stay the target's)
 OVERRIDABLE = ("precision", "quantization", "pruning", "shapes", "gates")
 
