@@ -39,11 +39,12 @@ def time_prefill(bundle: Path, side: int, runs: int, warmup: int, threads: int) 
     from pcbedge.runtime.pruning import TokenPruningConfig
 
     runner = load_runner(bundle, threads=threads)
-    prompt = runner.encode_images(runner.build_prompt(random_board(side, side, 0), QUESTION))
+    enc = runner.encode(runner.prepare(random_board(side, side, 0)))
+    ids = runner.prompt(QUESTION, enc.prepared.inputs)
     feeds = {}
     for keep in KEEPS:
         cfg = TokenPruningConfig("feature_norm" if keep < 1 else "none", keep, 1)
-        embeds, pos, _, mask = runner.prefill_inputs(prompt, cfg)
+        embeds, pos, _, mask = runner.prefill_inputs(ids, enc, cfg)
         feeds[keep] = ({"inputs_embeds": embeds, "position_ids": pos,
                         "past": np.zeros(runner.kv_shape, np.float32)}, int(mask.sum()))
     dec = runner.sessions["decoder"]
@@ -54,7 +55,7 @@ def time_prefill(bundle: Path, side: int, runs: int, warmup: int, threads: int) 
             dec.run(None, feeds[keep][0])
             if i >= warmup:
                 times[keep].append((time.perf_counter() - t0) * 1000)
-    out = {"visual_tokens": int(np.sum(np.asarray(prompt.input_ids) == runner.image_token_id)),
+    out = {"visual_tokens": int(np.sum(np.asarray(ids) == runner.image_token_id)),
            "threads": threads, "runs": runs, "keeps": {}}
     for keep, ts in times.items():
         ts.sort()

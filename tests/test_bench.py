@@ -64,6 +64,7 @@ def _read_report(out: Path) -> dict:
 
 # ----------------------------------------------------------------------------- end to end
 
+@pytest.mark.covers("pcbvlm", "bench")
 def test_report_schema_and_outputs(tiny_bundle, tmp_path):
     out = tmp_path / "out"
     report = run_benchmark(tiny_bundle, out_dir=out, gates=OPEN_GATES, **FAST)

@@ -133,7 +133,9 @@ def runs(tmp_path_factory):
         base = run_benchmark(bundle, out_dir=root / "base", reference=bundle, **RUN)
         same = run_benchmark(bundle, out_dir=root / "same", reference=bundle,
                              compare=root / "base" / "report.json",
-                             regression_gates={"max_p95_regression_pct": 25.0,
+                             # generous: a neighbour on a shared CI box moves P95 by tens of
+                             # percent between processes; significance is checked below
+                             regression_gates={"max_p95_regression_pct": 100.0,
                                                "max_question_accuracy_drop": 0.0,
                                                "max_agreement_drop": 0.0}, **RUN)
         mp.setattr(wl, "open_runner", lambda p, **kw: Delayed(real(p, **kw), SLOW_S))

@@ -77,7 +77,7 @@ def test_vision_qdq_sits_on_convs_only(export, cal_set, tmp_path):
 
 def test_shape_reads_skip_qdq_is_exact(export, cal_set, tmp_path):
     import onnxruntime as ort
-    from pcbedge.recipes.build import quantize as q
+    from pcbedge.recipes import quantize as q
     cfg = StaticInt8Config(op_types=("Conv",))
     outs = {}
     for name, reroute in (("plain", lambda m: 0), ("rerouted", q.shape_reads_skip_qdq)):
@@ -180,6 +180,7 @@ def test_empty_calibration_iterator(export, tmp_path):
 
 # --- build_bundle over every shipped target (a coverage test: a new profile is tested too) -----
 
+@pytest.mark.covers("pcbvlm", "build", "*")
 @pytest.mark.parametrize("target", TARGETS)
 def test_build_every_target(target, built, export):
     out = built[target]
@@ -268,7 +269,7 @@ def test_keep_ratio_and_calibration_overrides(export, tmp_path, sample_data):
     assert m["calibration"]["root"] == str(cal) and len(m["calibration"]["boards"]) == 16
     with pytest.raises(TargetError, match="does not prune"):
         build_bundle("x86-cuda", export, tmp_path / "c", keep_ratio=0.5, progress=False)
-    with pytest.raises(CalibrationError, match="no INT8 graph"):
+    with pytest.raises(CalibrationError, match="no statically calibrated graph"):
         build_bundle("x86-cuda", export, tmp_path / "d", calibration=cal, progress=False)
 
 
@@ -276,7 +277,7 @@ def test_interrupted_build_leaves_nothing(export, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(build_mod, "quantize_graphs", interrupted)
+    monkeypatch.setattr(build_mod, "quantize_groups", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_bundle("x86-cpu", export, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

@@ -41,6 +41,7 @@ def _session(path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.covers("pcbvlm", "export")
 def test_bundle_layout_and_manifest(exported):
     model_dir, bundle = exported
     m = read_manifest(bundle)

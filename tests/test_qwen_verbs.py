@@ -52,10 +52,10 @@ def test_build_every_target(qwen):
         assert m["pruning"]["method"] == want.pruning.method
         q = m["quantization"] or {"graphs": {}}
         assert "embed" not in q["graphs"]          # a Gather: stays FP32
-        if want.precision.decoder == "int4":
+        if want.precision.decoder in ("int4", "int8"):
             import onnx
             ops = {n.op_type for n in onnx.load(str(out / "decoder.onnx")).graph.node}
-            assert "MatMulNBits" in ops
+            assert {"int4": "MatMulNBits", "int8": "MatMulInteger"}[want.precision.decoder] in ops
             drift = q["groups"]["decoder"]["drift_vs_fp32"]
             assert 0 <= drift["first_logits_rel_l2"] < 0.5
         if want.precision.vision == "int8":

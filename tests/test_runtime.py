@@ -152,6 +152,8 @@ def test_ask_imports_no_torch(exported, tmp_path):
     assert set(res["keys"]) == ANSWER_KEYS
 
 
+@pytest.mark.covers("pcbvlm", "ask")
+@pytest.mark.covers("pcbvlm", "ask_model")
 def test_ask_matches_torch_runner(exported, runner, tmp_path):
     from pcbedge.families.pcbvlm.torch_runner import PcbVlmTorchRunner
     size = (200, 150)

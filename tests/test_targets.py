@@ -99,7 +99,8 @@ def _edit(text: str, section: str, key: str, value: str | None) -> str:
 
 # (section, key, new TOML value or None to delete, words the message must hold)
 BAD_FIELDS = [
-    ("precision", "vision", '"int4"', ["precision.vision", "'int4'", "'fp32', 'fp16', 'int8'"]),
+    ("precision", "vision", '"int3"', ["precision.vision", "'int3'", "'fp32', 'fp16', 'int8', 'int4'"]),
+    ("precision", "vision", '"int4"', ["precision.vision", "'int4' only for the decoder"]),
     ("", "runtime", '"tflite"', ["runtime", "'tflite'", "'onnxruntime', 'tensorrt'"]),
     ("", "arch", '"riscv64"', ["arch", "'riscv64'", "'x86_64', 'aarch64'"]),
     ("", "threads", "0", ["threads", "= 0", "integer >= 1"]),
@@ -125,7 +126,7 @@ BAD_FIELDS = [
     ("pruning", "method", '"random"', ["pruning.method", "'random'", "'model_prior'"]),
     ("pruning", "keep_ratio", "1.5", ["pruning.keep_ratio", "1.5", "<= 1.0"]),
     ("pruning", "keep", "0.5", ["unknown key 'pruning.keep'", "keep_ratio"]),
-    ("shapes", "input_size", "650", ["shapes.input_size", "650", "multiple of 32"]),
+    ("shapes", "input_size", "20", ["shapes.input_size", "20", ">= 28"]),
     ("gates", "min_map", "1.5", ["gates.min_map", "1.5"]),
     ("gates", "p95_ms", "100", ["unknown key 'gates.p95_ms'", "p95_ms_max"]),
 ]

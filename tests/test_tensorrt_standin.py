@@ -271,7 +271,9 @@ def test_plan_shapes_follow_profile(export):
     profile = load_target(TRT_TARGETS[0])
     from pcbedge.runtime.pruning import TokenPruningConfig
     m = json.loads(json.dumps(m))
-    plan = plan_engines(m, profile, TokenPruningConfig("model_prior", 0.25))
+    from pcbedge.families import get_family
+    ranges = get_family("pcbvlm").trt_axis_ranges(m, profile, TokenPruningConfig("model_prior", 0.25))
+    plan = plan_engines(m, profile, ranges)
     assert plan["axis_ranges"]["n_vis"] == [16, 100, 400]
     vision = plan["graphs"]["vision"]["shapes"]["pixel_values"]
     assert vision["min"] == vision["max"] == [1, 3, 640, 640]

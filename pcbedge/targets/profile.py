@@ -315,6 +315,12 @@ def _parse_fields(src: str, prefix: str, data: dict, spec: dict) -> dict:
 
 def _check_consistency(src: str, p: TargetProfile) -> None:
     """Rules between fields, each a real constraint of the runtimes or the recipe."""
+    for graph in ("vision", "decoder"):
+        if (getattr(p.precision, graph) == "int4"
+                and (graph == "vision" or p.runtime != "onnxruntime")):
+            raise _fail(src, f"precision.{graph}", "int4",
+                        "'int4' only for the decoder on onnxruntime (weight-only MatMulNBits, a "
+                        "contrib op TensorRT does not parse; convolutions have no 4-bit kernels)")
     if p.runtime == "onnxruntime":
         if not p.providers or p.providers[-1] != "CPUExecutionProvider":
             raise _fail(src, "providers", list(p.providers),
@@ -363,11 +369,6 @@ def _check_consistency(src: str, p: TargetProfile) -> None:
                     "1.0 with method 'none'")
     if q.block_size & (q.block_size - 1):
         raise _fail(src, "quantization.block_size", q.block_size, "a power of two (32, 64, 128)")
-    for graph in ("vision", "decoder"):
-        if getattr(p.precision, graph) == "int4" and (graph == "vision" or p.runtime != "onnxruntime"):
-            raise _fail(src, f"precision.{graph}", "int4",
-                        "'int4' only for the decoder on onnxruntime (weight-only MatMulNBits, a "
-                        "contrib op TensorRT does not parse; convolutions have no 4-bit kernels)")
     if q.decoder_method == "dynamic" and p.runtime != "onnxruntime":
         raise _fail(src, "quantization.decoder_method", "dynamic",
                     "'static' for TensorRT (explicit quantization needs Q/DQ scales)")
