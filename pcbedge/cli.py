@@ -10,15 +10,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
-from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import click
 
 from pcbedge import __version__
 from pcbedge.errors import (BundleError, DatasetError, DependencyError, GateFailed, InputImageError,
-                            OutputError, PcbEdgeError)
+                            PcbEdgeError)
 
 EXIT_INTERRUPTED = 130
 # Top-level modules of the optional extras -> the extra that installs them (pyproject.toml).
@@ -299,36 +297,10 @@ def _run_batch(runner, items, batch: Path, out: Path, kw: dict) -> None:
             f.write(json.dumps({"id": item["id"], **ans}, default=_jsonable) + "\n")
 
 
-def _chmod_umask(path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-@contextmanager
 def _atomic_path(path: Path, suffix: str = ".tmp"):
-    """A temporary path beside ``path``, renamed onto it only if the block succeeds."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-        os.close(fd)
-        _chmod_umask(tmp)  # mkstemp makes 0600; an output is shared like any file the user makes
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}",
-                          fix="choose a writable folder") from None
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise OutputError(f"cannot write {path}: {e.strerror or e}",
-                          fix="check the free space and permissions") from None
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """The package's one writer (:func:`pcbedge.bundle.atomic.atomic_path`)."""
+    from pcbedge.bundle.atomic import atomic_path
+    return atomic_path(path, suffix)
 
 
 def _image_format(path: Path) -> str:

@@ -18,7 +18,6 @@ from pcbedge.export import exporter
 from pcbedge.export.exporter import export_model
 from pcbedge.families import get_family
 from pcbedge.bundle.manifest import SCHEMA_VERSION, read_manifest, sha256_file
-from pcbedge.families import get_family
 from pcbedge.testing import random_pair_input, tiny_bundle, tiny_pcbvlm
 
 torch.set_num_threads(1)

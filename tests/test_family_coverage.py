@@ -13,7 +13,7 @@ import pytest
 
 from pcbedge import api
 from pcbedge.errors import ModelError
-from pcbedge.families import (FAMILIES, detect_family, get_family, register_family,
+from pcbedge.families import (detect_family, get_family, register_family,
                               registered_families, unregister_family)
 from pcbedge.families.base import Family
 from pcbedge.targets import shipped_names

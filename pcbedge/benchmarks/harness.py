@@ -8,12 +8,9 @@ Figures and protocol: docs/bench.md.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import gc
 import json
-import os
-import tempfile
 import textwrap
 import time
 from dataclasses import dataclass
@@ -64,29 +61,10 @@ def _json_default(o):
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
-def _readable(path: Path) -> None:
-    """mkstemp makes files 0600; a report is meant to be shared, so apply the usual umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def _write_atomic(path: Path, text: str) -> None:
-    """Temp file in the same folder, fsync, rename; readable as a normal file (umask)."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        _readable(Path(tmp))
-        os.replace(tmp, path)
-    except OSError as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {e.strerror or e}",
-                          fix="pick a writable --out folder with free space") from None
+    """The package's one writer: temp file beside ``path``, fsync, rename, the user's umask."""
+    from pcbedge.bundle.atomic import atomic_write_text
+    atomic_write_text(path, text)
 
 
 def _prepare_out(out_dir) -> Path:
@@ -214,9 +192,7 @@ def _write_outputs(out: Path, report: dict, workload: wl.Workload,
     # The HTML draws CDFs from the raw per-stage samples, not from the JSON's summaries.
     html_view = {**report, "latency_ms_by_stage": {
         k: v for k, v in report["latency_samples_ms"].items() if k != "kind"}}
-    html = write_report_html(out / "report.html", html_view, build_gallery(workload, answers))
-    with contextlib.suppress(OSError):  # the report is written; its mode is a convenience
-        _readable(html)
+    write_report_html(out / "report.html", html_view, build_gallery(workload, answers))
 
 
 def _f(v, nd: int = 3) -> str:

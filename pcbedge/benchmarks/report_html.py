@@ -11,7 +11,6 @@ import html
 import io
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -326,21 +325,8 @@ def write_report_html(path: str | os.PathLike, report: dict, gallery: list[dict]
     if not path.parent.is_dir():
         raise OutputError(f"folder {str(path.parent)!r} of the report does not exist",
                           fix="create the output folder first or pick another --out")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise OutputError(f"cannot write in {str(path.parent)!r}: {e.strerror}",
-                          fix="pick a writable folder with free space") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"cannot write {str(path)!r}: {e.strerror}",
-                          fix="pick a writable folder with free space") from None
+    from pcbedge.bundle.atomic import atomic_write_text
+    atomic_write_text(path, text)
     return path
 
 

@@ -17,12 +17,10 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
-
-import numpy as np
+from typing import NamedTuple
 
 from pcbedge.data.deeppcb import DEFECT_TYPES, read_list
-from pcbedge.data.preprocess import load_pair, read_gray
+from pcbedge.data.preprocess import read_gray
 from pcbedge.errors import CalibrationError, DatasetError, InputImageError
 
 log = logging.getLogger(__name__)

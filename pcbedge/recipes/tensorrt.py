@@ -121,7 +121,7 @@ def write_deferred(stage: Path, plan: dict, target_name: str) -> None:
 # --- host checks --------------------------------------------------------------------------------
 
 def host_arch() -> str:
-    from pcbedge.targets.profile import normalize_arch
+    from pcbedge.runtime.vocabulary import normalize_arch
     return normalize_arch(platform.machine())
 
 

@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from pcbedge.bundle.manifest import safe_path
 from pcbedge.errors import BundleError, HardwareMismatchError, TargetError
-from pcbedge.targets.profile import DEFAULT_SPIN_WAIT, SPIN_WAITS, normalize_arch
+from pcbedge.runtime.vocabulary import DEFAULT_SPIN_WAIT, SPIN_WAITS, normalize_arch
 
 _LEVELS = {"ORT_DISABLE_ALL": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
            "ORT_ENABLE_BASIC": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

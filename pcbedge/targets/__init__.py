@@ -9,13 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from pcbedge.errors import TargetError
-from pcbedge.targets.profile import (GateConfig, PrecisionConfig, PruningConfig,
-                                     QuantizationConfig, ShapeConfig, TargetProfile,
+from pcbedge.runtime.pruning import TokenPruningConfig
+from pcbedge.targets.profile import (GateConfig, PrecisionConfig, QuantizationSettings,
+                                     ShapeConfig, TargetProfile,
                                      TensorRTConfig, load_profile, parse_profile)
 
 TARGETS_DIR = Path(__file__).resolve().parent
 
-__all__ = ["GateConfig", "PrecisionConfig", "PruningConfig", "QuantizationConfig", "ShapeConfig",
+__all__ = ["GateConfig", "PrecisionConfig", "QuantizationSettings", "ShapeConfig",
+           "TokenPruningConfig",
            "TargetProfile", "TensorRTConfig", "list_targets", "load_target", "parse_profile",
            "shipped_names"]
 

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pcbedge.errors import TargetError
+from pcbedge.runtime.pruning import METHODS as PRUNING_METHOD_NAMES
+from pcbedge.runtime.pruning import TokenPruningConfig
+from pcbedge.runtime.vocabulary import ARCHS, DEFAULT_SPIN_WAIT, SPIN_WAITS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -22,18 +25,12 @@ else:  # pragma: no cover - Python 3.10 gets the same parser from the tomli back
     import tomli as tomllib
 
 RUNTIMES = ("onnxruntime", "tensorrt")
-# when onnxruntime's intra-op threads spin-wait (pcbedge.families.pcbvlm.runner.SPIN_WAIT)
-SPIN_WAITS = ("during_run", "always", "never")
-DEFAULT_SPIN_WAIT = "during_run"
-ARCHS = ("x86_64", "aarch64")
-# what platform.machine() and vendors call the same architecture
-ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
 # int4: weight-only 4-bit (onnxruntime MatMulNBits), for decoders (pcbedge.recipes.configs)
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 DECODER_METHODS = ("static", "dynamic")
 SCHEMES = ("qdq_static", "none")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
-PRUNING_METHODS = ("none", "model_prior", "template_diff", "feature_norm")
+PRUNING_METHODS = PRUNING_METHOD_NAMES   # the runtime's: one pruning vocabulary
 PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
              "XnnpackExecutionProvider", "OpenVINOExecutionProvider", "CoreMLExecutionProvider",
              "DmlExecutionProvider", "QNNExecutionProvider")
@@ -52,15 +49,17 @@ BUSY_MACHINE_ACTIONS = ("flag", "refuse")  # what bench does on a busy machine (
 
 @dataclass(frozen=True)
 class PrecisionConfig:
-    """Numeric precision of each graph: "fp32", "fp16" or "int8"."""
+    """Numeric precision of each graph group: "fp32", "fp16", "int8" or "int4" (decoder)."""
 
     vision: str
     decoder: str
 
 
 @dataclass(frozen=True)
-class QuantizationConfig:
-    """Static Q/DQ quantization: which op types get Q/DQ in each graph and how to calibrate."""
+class QuantizationSettings:
+    """The profile's [quantization] section as written: op lists, calibration, the INT8 decoder
+    method, the 4-bit block size. Not a recipe itself: :func:`pcbedge.recipes.configs.
+    config_for_group` turns it, with [precision], into the one recipe vocabulary's configs."""
 
     scheme: str
     vision_ops: tuple[str, ...]
@@ -71,14 +70,6 @@ class QuantizationConfig:
     score_bias_boards: int = 0
     decoder_method: str = "static"    # int8 decoder: "static" (Q/DQ, calibrated) or "dynamic"
     block_size: int = 32              # int4: weights per scale
-
-
-@dataclass(frozen=True)
-class PruningConfig:
-    """Visual-token pruning before the decoder: which score ranks tokens and how many stay."""
-
-    method: str
-    keep_ratio: float
 
 
 @dataclass(frozen=True)
@@ -130,8 +121,8 @@ class TargetProfile:
     providers: tuple[str, ...]
     threads: int | None
     precision: PrecisionConfig
-    quantization: QuantizationConfig
-    pruning: PruningConfig
+    quantization: QuantizationSettings
+    pruning: TokenPruningConfig
     shapes: ShapeConfig
     tensorrt: TensorRTConfig | None
     latency_budget_ms: float
@@ -240,7 +231,7 @@ SECTIONS: dict[str, tuple[type, dict]] = {
     "precision": (PrecisionConfig, {
         "vision": (_choice(*PRECISIONS), REQUIRED),
         "decoder": (_choice(*PRECISIONS), REQUIRED)}),
-    "quantization": (QuantizationConfig, {
+    "quantization": (QuantizationSettings, {
         "scheme": (_choice(*SCHEMES), REQUIRED),
         "vision_ops": (_list_of(QUANTIZABLE_OPS), ()),
         "decoder_ops": (_list_of(QUANTIZABLE_OPS), ()),
@@ -250,9 +241,10 @@ SECTIONS: dict[str, tuple[type, dict]] = {
         "score_bias_boards": (_int(0, 4096), 0),
         "decoder_method": (_choice(*DECODER_METHODS), "static"),
         "block_size": (_int(16, 4096), 32)}),
-    "pruning": (PruningConfig, {
+    "pruning": (TokenPruningConfig, {
         "method": (_choice(*PRUNING_METHODS), REQUIRED),
-        "keep_ratio": (_number(0.0, 1.0, lo_open=True), 1.0)}),
+        "keep_ratio": (_number(0.0, 1.0, lo_open=True), 1.0),
+        "min_tokens": (_int(1, 1 << 20), 16)}),
     "shapes": (ShapeConfig, {
         "input_size": (_int(MIN_INPUT_SIZE, 4096), 640),
         "batch": (_int(1, 64), 1),
@@ -275,12 +267,6 @@ SECTIONS: dict[str, tuple[type, dict]] = {
 OPTIONAL_SECTIONS = ("tensorrt", "gates", "bench")
 # sections a [family.<key>] table may change (the hardware fields stay the target's)
 OVERRIDABLE = ("precision", "quantization", "pruning", "shapes", "gates")
-
-
-def normalize_arch(arch: str) -> str:
-    """One name per architecture ("amd64" -> "x86_64", "arm64" -> "aarch64")."""
-    a = str(arch).lower()
-    return ARCH_ALIASES.get(a, a)
 
 
 def _fail(src: str, field: str, value: Any, valid: str, fix: str | None = None) -> TargetError:
@@ -346,10 +332,10 @@ def _check_consistency(src: str, p: TargetProfile) -> None:
     for graph in ("vision", "decoder"):
         ops = getattr(q, f"{graph}_ops")
         int8 = getattr(p.precision, graph) == "int8"
+        dynamic = graph == "decoder" and q.decoder_method == "dynamic"
         if int8 and q.scheme == "none" and not dynamic:
             raise _fail(src, "quantization.scheme", q.scheme,
                         f"'qdq_static', since precision.{graph} is 'int8'")
-        dynamic = graph == "decoder" and q.decoder_method == "dynamic"
         if int8 and not ops and not dynamic:
             raise _fail(src, f"quantization.{graph}_ops", [],
                         f"a non-empty op list, since precision.{graph} is 'int8'")
