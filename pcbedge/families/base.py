@@ -8,18 +8,30 @@
   the calibration feeds of a group, what the recipe does after quantizing (drift, score fixes),
   the target's shapes applied to the manifest, TensorRT shape ranges of its dynamic axes.
 
-Class attributes hold the data; methods that need torch import it themselves, so this module and
-a family's ``__init__`` stay importable on a device without torch.
+Class attributes hold the data. ``modules`` names the family's modules by role (``export``,
+``parity``, ``runner``, ``torch_runner``, ``recipe``); the methods below call the functions of
+those modules, imported on first use, so this module and a family's ``__init__`` stay importable
+on a device without torch and a family's ``__init__`` is its data alone. A family may also
+override a method directly (tests/toyfamily does).
+
+A role module provides: ``export`` -> ``load_model(model_dir, family)``,
+``default_input_size(model)``, ``graphs(model, input_size)``, ``reference(model, graph, feeds)``,
+``manifest_extras(model, input_size)`` (and optionally ``bundle_files(model)``); ``parity`` ->
+``check_parity(family, model, bundle_dir, manifest, **kwargs)``; ``runner`` / ``torch_runner``
+-> ``open_runner(path, manifest_or_none / family=..., **kwargs)``; ``recipe`` ->
+``apply_shapes``, ``calibration_feeds``, ``after_quantize``, ``trt_axis_ranges`` with the
+signatures of the methods here.
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import ClassVar, Iterable
 
 
 class Family:
-    """Base class of a family. A subclass sets the class attributes and implements every method
-    that raises NotImplementedError here (tests/test_family_coverage.py checks it)."""
+    """Base class of a family: data in class attributes, behaviour in its role modules
+    (tests/test_family_coverage.py checks every family provides every role)."""
 
     name: ClassVar[str] = ""                       # set by the registry
     profile_key: ClassVar[str] = ""                # [family.<key>] overrides of target profiles
@@ -33,6 +45,13 @@ class Family:
     # near-equal scores may come out in another order (parity tolerates that)
     ranked_outputs: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {}
     template_optional: ClassVar[bool] = False      # can answer without a golden template
+    modules: ClassVar[dict[str, str]] = {}         # role -> module path (imported on demand)
+
+    def module(self, role: str):
+        """The family's module for ``role``; NotImplementedError when it declares none."""
+        if role not in self.modules:
+            raise NotImplementedError(f"family {self.name!r} declares no {role!r} module")
+        return importlib.import_module(self.modules[role])
 
     # -- export ------------------------------------------------------------------------------
 
@@ -43,59 +62,65 @@ class Family:
 
     def load_model(self, model_dir: Path):
         """The torch model in eval mode."""
-        raise NotImplementedError
+        return self.module("export").load_model(Path(model_dir), self)
 
     def default_input_size(self, model) -> int:
-        raise NotImplementedError
+        return self.module("export").default_input_size(model)
 
     def graphs(self, model, input_size: int) -> list:
         """The :class:`pcbedge.export.graphs.GraphExport` list, in export order."""
-        raise NotImplementedError
+        return self.module("export").graphs(model, input_size)
 
     def reference(self, model, graph: str, feeds: dict) -> dict:
         """PyTorch outputs (numpy) of ``graph`` for numpy ``feeds`` (parity)."""
-        raise NotImplementedError
+        return self.module("export").reference(model, graph, feeds)
 
     def manifest_extras(self, model, input_size: int) -> dict:
         """The family's manifest fields (kv_cache, visual_tokens, token_scores, answer, ...)."""
-        raise NotImplementedError
+        return self.module("export").manifest_extras(model, input_size)
 
     def bundle_files(self, model) -> dict[str, str]:
         """Text files the bundle ships beside the graphs ({name: text}; e.g. a chat
         template); list them in the manifest's ``assets`` so they are hashed and checked."""
-        return {}
+        export = self.module("export") if "export" in self.modules else None
+        return export.bundle_files(model) if hasattr(export, "bundle_files") else {}
 
     def check_parity(self, model, bundle_dir: Path, manifest: dict, **kwargs) -> dict:
         """The manifest's ``parity`` block for the staged bundle, or ExportError."""
-        raise NotImplementedError
+        return self.module("parity").check_parity(self, model, Path(bundle_dir), manifest,
+                                                  **kwargs)
 
     # -- runtime -----------------------------------------------------------------------------
 
     def onnx_runner(self, bundle_dir: Path, manifest: dict | None = None, **kwargs):
         """The ONNX Runtime runner of a bundle (``manifest`` given: no hash verification)."""
-        raise NotImplementedError
+        return self.module("runner").open_runner(Path(bundle_dir), manifest, **kwargs)
 
     def torch_runner(self, model_dir: Path, **kwargs):
         """The PyTorch reference runner of a checkpoint folder (``ask --model``)."""
-        raise NotImplementedError
+        return self.module("torch_runner").open_runner(Path(model_dir), family=self, **kwargs)
 
     # -- build -------------------------------------------------------------------------------
 
     def apply_shapes(self, manifest: dict, shapes, say) -> None:
-        """Write the target's ``[shapes]`` into the bundle's manifest (default: nothing)."""
+        """Write the target's ``[shapes]`` into the bundle's manifest."""
+        self.module("recipe").apply_shapes(manifest, shapes, say)
 
     def calibration_feeds(self, group: str, role: str, export_dir: Path, manifest: dict,
                           cal_set) -> Iterable[dict]:
         """Feeds of graph ``role`` (of ``group``) for static INT8 calibration, from the boards
         of ``cal_set``; the FP32 export may be run to make them."""
-        raise NotImplementedError
+        return self.module("recipe").calibration_feeds(group, role, export_dir, manifest, cal_set)
 
     def after_quantize(self, group: str, stage: Path, export_dir: Path, manifest: dict,
                        profile, cal_set, say) -> dict:
         """What the recipe does once ``group``'s graphs are quantized in ``stage`` (drift
         against the FP32 export, score corrections); its record for the manifest."""
-        return {}
+        recipe = self.module("recipe")
+        if not hasattr(recipe, "after_quantize"):
+            return {}
+        return recipe.after_quantize(group, stage, export_dir, manifest, profile, cal_set, say)
 
     def trt_axis_ranges(self, manifest: dict, profile, pruning) -> dict:
         """(min, opt, max) of every named dynamic axis of the graphs, for TensorRT."""
-        raise NotImplementedError
+        return self.module("recipe").trt_axis_ranges(manifest, profile, pruning)

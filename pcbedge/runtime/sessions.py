@@ -50,6 +50,28 @@ class BundleSessions:
         return [i.name for i in self.sessions[role].get_inputs()]
 
 
+def open_bundle(bundle_dir, manifest: dict | None, *, graphs, parser: str, verify: bool = True,
+                threads=None, providers=None):
+    """What every ONNX runner does first: read (and verify) the manifest unless it was given,
+    check its graphs and answer parser, open the tokenizer and one session per graph.
+    Returns ``(bundle_dir, manifest, tokenizer, BundleSessions)``."""
+    from pcbedge.bundle.manifest import read_manifest, verify_files
+
+    bundle_dir = Path(bundle_dir)
+    if manifest is None:
+        manifest = read_manifest(bundle_dir)
+        if verify:
+            verify_files(bundle_dir, manifest)
+    require_graphs(bundle_dir, manifest, graphs)
+    got = (manifest.get("answer") or {}).get("parser")
+    if got != parser:
+        raise BundleError(f"bundle {bundle_dir} uses the answer parser {got!r}, unknown to this "
+                          f"pcbedge for family {manifest.get('family')!r} (known: {parser})",
+                          fix="upgrade pcbedge")
+    sessions = open_sessions(bundle_dir, manifest, threads=threads, providers=providers)
+    return bundle_dir, manifest, load_tokenizer(bundle_dir, manifest), sessions
+
+
 def require_graphs(bundle_dir: Path, manifest: dict, roles) -> None:
     """BundleError unless the manifest names a graph for every role the runner needs."""
     missing = [r for r in roles if r not in manifest["graphs"]]
@@ -137,11 +159,21 @@ def check_threads(threads) -> int | None:
     return threads
 
 
+# Set to 1 only to compare one bundle's answers across instruction sets (scripts/arm64_check.py
+# runs an arm64 bundle on the x86 build host as the reference of its arm64 run).
+FOREIGN_ARCH_ENV = "PCBEDGE_ALLOW_FOREIGN_ARCH"
+
+
 def check_arch(bundle_dir: Path, manifest: dict) -> None:
-    """A bundle built for a target names its CPU architecture; refuse to run it on another."""
+    """A bundle built for a target names its CPU architecture; refuse to run it on another
+    (unless ``PCBEDGE_ALLOW_FOREIGN_ARCH=1``: cross-ISA agreement checks)."""
+    import os
+
     target = manifest.get("target") or {}
     want = target.get("arch")
     have = platform.machine()
+    if os.environ.get(FOREIGN_ARCH_ENV) == "1":
+        return
     if want and have and normalize_arch(want) != normalize_arch(have):
         raise HardwareMismatchError(
             f"bundle {bundle_dir} was built for target {target.get('name')!r} on {want}, "

@@ -49,7 +49,7 @@ class StepGraph(nn.Module):
         return self.decoder.step(input_ids, positions, region_tokens, past)
 
 
-def load_model(model_dir: Path):
+def load_model(model_dir: Path, family=None):
     from pcbedge.families.pcbvlm.model.model import PcbVlm
     return PcbVlm.from_pretrained(model_dir).eval()
 

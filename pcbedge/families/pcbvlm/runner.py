@@ -20,7 +20,7 @@ from pcbedge.families.pcbvlm.tokenizer import encode_question
 from pcbedge.runtime import validate_max_new_tokens, validate_question
 from pcbedge.runtime.protocol import Encoded, Prepared, Runner, ms_since
 from pcbedge.runtime.pruning import TokenPruningConfig, as_pruning_config, select_tokens
-from pcbedge.runtime.sessions import load_tokenizer, open_sessions, require_graphs
+from pcbedge.runtime.sessions import open_bundle
 
 PARSER = "pcbvlm-pointer-v2"
 GRAPHS = ("vision", "decoder_prefill", "decoder_step")
@@ -53,25 +53,21 @@ def check_input(x, multiple: int) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+def open_runner(bundle_dir: Path, manifest: dict | None = None, **kwargs) -> "PcbVlmOnnxRunner":
+    """The family's ``runner`` role (pcbedge.families.base.Family.onnx_runner)."""
+    return PcbVlmOnnxRunner(bundle_dir, manifest, **kwargs)
+
+
 class PcbVlmOnnxRunner(Runner):
     """ONNX Runtime runner of a ``pcbvlm`` bundle; sessions are opened once."""
 
     def __init__(self, bundle_dir: str | Path, manifest: dict | None = None, *,
                  threads: int | None = None, providers: list[str] | None = None,
                  pruning=None, verify: bool = True):
-        from pcbedge.bundle.manifest import read_manifest, verify_files
-
-        bundle_dir = Path(bundle_dir)
-        if manifest is None:
-            manifest = read_manifest(bundle_dir)
-            if verify:
-                verify_files(bundle_dir, manifest)
-        require_graphs(bundle_dir, manifest, GRAPHS)
-        parser = manifest["answer"].get("parser")
-        if parser != PARSER:
-            raise BundleError(f"bundle {bundle_dir} uses the answer parser {parser!r}, unknown "
-                              f"to this pcbedge (known: {PARSER})", fix="upgrade pcbedge")
-        self.bundle_dir, self.manifest = bundle_dir, manifest
+        self.bundle_dir, self.manifest, self.tokenizer, self.ort = open_bundle(
+            bundle_dir, manifest, graphs=GRAPHS, parser=PARSER, verify=verify, threads=threads,
+            providers=providers)
+        manifest = self.manifest
         self.grammar = manifest["answer"]["grammar"]
         self.input_size = int(manifest["input_size"])
         self.size_multiple = int(manifest.get("size_multiple", 32))
@@ -79,8 +75,6 @@ class PcbVlmOnnxRunner(Runner):
         self.max_question_tokens = int(manifest["max_question_tokens"])
         self.token_scores = dict(manifest["token_scores"])
         self.pruning = as_pruning_config(manifest["pruning"] if pruning is None else pruning)
-        self.tokenizer = load_tokenizer(bundle_dir, manifest)
-        self.ort = open_sessions(bundle_dir, manifest, threads=threads, providers=providers)
         self.sessions, self.providers, self.threads = (self.ort.sessions, self.ort.providers,
                                                        self.ort.threads)
 

@@ -12,6 +12,11 @@ from pcbedge.runtime.pruning import (SCORE_OUTPUTS, TokenPruningConfig, as_pruni
                                      select_tokens)
 
 
+def open_runner(model_dir: Path, **kwargs) -> "PcbVlmTorchRunner":
+    """The family's ``torch_runner`` role (pcbedge.families.base.Family.torch_runner)."""
+    return PcbVlmTorchRunner(model_dir, **kwargs)
+
+
 class PcbVlmTorchRunner(Runner):
     """Runs a ``pcbvlm`` checkpoint folder with PyTorch."""
 

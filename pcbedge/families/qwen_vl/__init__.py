@@ -10,7 +10,6 @@ import.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar
 
 from pcbedge.families.base import Family
@@ -25,62 +24,9 @@ class QwenVlFamily(Family):
     # embed is a Gather of the embedding table: it stays FP32 whatever the recipe
     graph_groups = {"vision": ("vision",), "decoder": ("decoder",)}
     template_optional = True
-    model_class: ClassVar[str] = ""
-
-    # -- export
-    def load_model(self, model_dir):
-        from pcbedge.families.qwen_vl import export
-        return export.load_model(Path(model_dir), self.model_class)
-
-    def default_input_size(self, model) -> int:
-        from pcbedge.families.qwen_vl import export
-        return export.default_input_size(model)
-
-    def graphs(self, model, input_size: int) -> list:
-        from pcbedge.families.qwen_vl import export
-        return export.graphs(model, input_size)
-
-    def reference(self, model, graph: str, feeds: dict) -> dict:
-        from pcbedge.families.qwen_vl import export
-        return export.reference(model, graph, feeds)
-
-    def manifest_extras(self, model, input_size: int) -> dict:
-        from pcbedge.families.qwen_vl import export
-        return export.manifest_extras(model, input_size)
-
-    def bundle_files(self, model) -> dict[str, str]:
-        from pcbedge.families.qwen_vl.export import CHAT_TEMPLATE_FILE
-        return {CHAT_TEMPLATE_FILE: model.pcbedge_chat_template[0]}
-
-    def check_parity(self, model, bundle_dir, manifest: dict, **kwargs) -> dict:
-        from pcbedge.families.qwen_vl.parity import check_qwen_parity
-        return check_qwen_parity(self, model, Path(bundle_dir), manifest, **kwargs)
-
-    # -- runtime
-    def onnx_runner(self, bundle_dir, manifest=None, **kwargs):
-        from pcbedge.families.qwen_vl.runner import QwenVlOnnxRunner
-        return QwenVlOnnxRunner(bundle_dir, manifest, **kwargs)
-
-    def torch_runner(self, model_dir, **kwargs):
-        from pcbedge.families.qwen_vl.torch_runner import QwenVlTorchRunner
-        return QwenVlTorchRunner(model_dir, family=self, **kwargs)
-
-    # -- build
-    def apply_shapes(self, manifest, shapes, say) -> None:
-        from pcbedge.families.qwen_vl import recipe
-        recipe.apply_shapes(manifest, shapes, say)
-
-    def calibration_feeds(self, group, role, export_dir, manifest, cal_set):
-        from pcbedge.families.qwen_vl import recipe
-        return recipe.calibration_feeds(group, role, export_dir, manifest, cal_set)
-
-    def after_quantize(self, group, stage, export_dir, manifest, profile, cal_set, say) -> dict:
-        from pcbedge.families.qwen_vl import recipe
-        return recipe.after_quantize(group, stage, export_dir, manifest, profile, cal_set, say)
-
-    def trt_axis_ranges(self, manifest, profile, pruning) -> dict:
-        from pcbedge.families.qwen_vl import recipe
-        return recipe.trt_axis_ranges(manifest, profile, pruning)
+    modules = {role: f"pcbedge.families.qwen_vl.{role}"
+               for role in ("export", "parity", "runner", "torch_runner", "recipe")}
+    model_class: ClassVar[str] = ""   # the transformers class of the checkpoint
 
 
 class Qwen2VlFamily(QwenVlFamily):

@@ -227,7 +227,7 @@ def text_exports(model, gen) -> list[GraphExport]:
     ]
 
 
-def load_model(model_dir: Path, model_class: str):
+def load_model(model_dir: Path, family):
     """The transformers model in eval mode, with the checkpoint's image recipe and chat template
     attached (``pcbedge_recipe``, ``pcbedge_chat_template``)."""
     import transformers
@@ -240,7 +240,7 @@ def load_model(model_dir: Path, model_class: str):
                          fix="copy the chat template the model was fine-tuned with into the "
                              "checkpoint folder (transformers' save_pretrained writes "
                              "chat_template.jinja)")
-    cls = getattr(transformers, model_class)
+    cls = getattr(transformers, family.model_class)
     model = cls.from_pretrained(model_dir, dtype=torch.float32,
                                 attn_implementation="eager").eval()
     model.pcbedge_recipe = read_recipe(model_dir / "preprocessor_config.json")
@@ -261,6 +261,11 @@ def _special_tokens(model_dir: Path) -> dict:
             "mask_token")
     return {k: cfg[k] for k in keys if isinstance(cfg.get(k), str)} if isinstance(cfg, dict) \
         else {}
+
+
+def bundle_files(model) -> dict[str, str]:
+    """The checkpoint's own chat template, shipped in the bundle (``assets.chat_template``)."""
+    return {CHAT_TEMPLATE_FILE: model.pcbedge_chat_template[0]}
 
 
 def default_input_size(model) -> int:

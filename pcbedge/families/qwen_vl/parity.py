@@ -114,7 +114,7 @@ def _check_patches(runner, prepared, images, case: str, errors: ParityErrors,
     report["max_abs"] = errors.graphs["preprocess"]["pixel_values"]["max_abs"]
 
 
-def check_qwen_parity(family, model, bundle_dir: Path, manifest: dict, *, sizes=None,
+def check_parity(family, model, bundle_dir: Path, manifest: dict, *, sizes=None,
                       boards: int | None = None, atol: float = 1e-3,
                       rtol: float = 1e-3) -> dict:
     """The manifest's ``parity`` block, or ExportError."""

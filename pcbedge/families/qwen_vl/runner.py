@@ -22,7 +22,7 @@ from pcbedge.families.qwen_vl.prompt import prompt_ids, prompt_text
 from pcbedge.runtime import validate_max_new_tokens, validate_question
 from pcbedge.runtime.protocol import Encoded, Prepared, Runner, ms_since
 from pcbedge.runtime.pruning import TokenPruningConfig, as_pruning_config, token_budget
-from pcbedge.runtime.sessions import load_tokenizer, open_sessions, require_graphs
+from pcbedge.runtime.sessions import open_bundle
 
 PARSER = "qwen-vl-grounding-v1"
 GRAPHS = ("vision", "embed", "decoder")
@@ -67,6 +67,11 @@ def read_chat_template(bundle_dir: Path, manifest: dict) -> str:
     return safe_path(bundle_dir, rel).read_text(encoding="utf-8")
 
 
+def open_runner(bundle_dir: Path, manifest: dict | None = None, **kwargs) -> "QwenVlOnnxRunner":
+    """The family's ``runner`` role (pcbedge.families.base.Family.onnx_runner)."""
+    return QwenVlOnnxRunner(bundle_dir, manifest, **kwargs)
+
+
 class QwenVlOnnxRunner(Runner):
     """Runner of a Qwen-VL bundle (graphs ``vision``, ``embed``, ``decoder``)."""
 
@@ -75,24 +80,12 @@ class QwenVlOnnxRunner(Runner):
     def __init__(self, bundle_dir: str | Path, manifest: dict | None = None, *,
                  threads: int | None = None, providers: list[str] | None = None,
                  pruning=None, verify: bool = True):
-        from pcbedge.bundle.manifest import read_manifest, verify_files
-
-        bundle_dir = Path(bundle_dir)
-        if manifest is None:
-            manifest = read_manifest(bundle_dir)
-            if verify:
-                verify_files(bundle_dir, manifest)
-        require_graphs(bundle_dir, manifest, GRAPHS)
-        ans = manifest["answer"]
-        if ans.get("parser") != PARSER:
-            raise BundleError(f"bundle {bundle_dir} uses the answer parser "
-                              f"{ans.get('parser')!r}, unknown to this pcbedge "
-                              f"(known: {PARSER})", fix="upgrade pcbedge")
-        self.bundle_dir, self.manifest = bundle_dir, manifest
+        self.bundle_dir, self.manifest, self.tokenizer, self.ort = open_bundle(
+            bundle_dir, manifest, graphs=GRAPHS, parser=PARSER, verify=verify, threads=threads,
+            providers=providers)
+        manifest, ans = self.manifest, self.manifest["answer"]
         self.pruning = as_pruning_config(manifest["pruning"] if pruning is None else pruning)
-        self.tokenizer = load_tokenizer(bundle_dir, manifest)
-        self.chat_template = read_chat_template(bundle_dir, manifest)
-        self.ort = open_sessions(bundle_dir, manifest, threads=threads, providers=providers)
+        self.chat_template = read_chat_template(self.bundle_dir, manifest)
         self.sessions, self.providers, self.threads = (self.ort.sessions, self.ort.providers,
                                                        self.ort.threads)
         self.recipe = qp.ImageRecipe.from_config(manifest["preprocess"])

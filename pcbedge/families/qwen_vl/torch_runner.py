@@ -12,6 +12,11 @@ from pcbedge.runtime.protocol import Encoded, Prepared, Runner, ms_since
 from pcbedge.runtime.pruning import as_pruning_config
 
 
+def open_runner(model_dir: Path, **kwargs) -> "QwenVlTorchRunner":
+    """The family's ``torch_runner`` role (pcbedge.families.base.Family.torch_runner)."""
+    return QwenVlTorchRunner(model_dir, **kwargs)
+
+
 class QwenVlTorchRunner(Runner):
     """transformers' model of a Qwen-VL checkpoint folder. The vision tower runs inside
     ``generate`` (its time is part of ``prefill``); pruning has no PyTorch reference."""
