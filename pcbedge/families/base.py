@@ -116,7 +116,7 @@ class Family:
                        profile, cal_set, say) -> dict:
         """What the recipe does once ``group``'s graphs are quantized in ``stage`` (drift
         against the FP32 export, score corrections); its record for the manifest."""
-        recipe = self.module("recipe")
+        recipe = self.module("recipe") if "recipe" in self.modules else None
         if not hasattr(recipe, "after_quantize"):
             return {}
         return recipe.after_quantize(group, stage, export_dir, manifest, profile, cal_set, say)
