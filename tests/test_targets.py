@@ -120,6 +120,9 @@ BAD_FIELDS = [
     ("quantization", "decoder_ops", '["MatMul"]', ["quantization.decoder_ops", "'fp32'"]),
     ("quantization", "per_channel", '"yes"',
      ["quantization.per_channel", "'yes'", "true or false"]),
+    ("quantization", "weight_type", '"int4"', ["quantization.weight_type", "'int4'", "'uint8'"]),
+    ("quantization", "reduce_range", '"yes"',
+     ["quantization.reduce_range", "'yes'", "true or false"]),
     ("quantization", "calibration_method", '"kl"', ["calibration_method", "'kl'", "'entropy'"]),
     ("quantization", "calibration_boards", "0", ["calibration_boards", "= 0"]),
     ("quantization", "score_bias_boards", "-1", ["score_bias_boards", "integer >= 0"]),
@@ -168,6 +171,22 @@ def test_score_bias_only_for_an_int8_vision_graph_on_onnxruntime(tmp_path):
     text = (TARGETS_DIR / "x86-cuda.toml").read_text()
     path.write_text(_edit(text, "quantization", "score_bias_boards", "8"))
     with pytest.raises(TargetError, match="score_bias_boards.*0 unless the vision graph is int8"):
+        load_target(path)
+
+
+def test_reduce_range_only_on_onnxruntime(tmp_path):
+    path = tmp_path / "jetson-orin.toml"
+    text = (TARGETS_DIR / "jetson-orin.toml").read_text()
+    path.write_text(_edit(text, "quantization", "reduce_range", "true"))
+    with pytest.raises(TargetError, match="quantization.reduce_range.*false for TensorRT"):
+        load_target(path)
+
+
+def test_uint8_weights_only_on_onnxruntime(tmp_path):
+    path = tmp_path / "jetson-orin.toml"
+    text = (TARGETS_DIR / "jetson-orin.toml").read_text()
+    path.write_text(_edit(text, "quantization", "weight_type", '"uint8"'))
+    with pytest.raises(TargetError, match="quantization.weight_type.*'int8' for TensorRT"):
         load_target(path)
 
 

@@ -14,6 +14,9 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from pcbedge.runtime.int8_kernels import saturation_warning, x86_has_vnni
+from pcbedge.runtime.vocabulary import normalize_arch
+
 PACKAGES = ("pcbedge", "onnxruntime", "onnxruntime-gpu", "numpy", "pillow", "tokenizers",
             "torch", "tensorrt")
 
@@ -116,5 +119,8 @@ def collect_environment(bundle: str | Path, runner=None, threads: int | None = N
         "target": (manifest.get("target") or {}).get("name")
         if isinstance(manifest.get("target"), dict) else manifest.get("target"),
         "threads": threads if threads is not None else getattr(runner, "threads", None),
+        # x86 without VNNI clips u8 x s8 sums of 8-bit weights (pcbedge.runtime.int8_kernels)
+        "x86_vnni": x86_has_vnni() if normalize_arch(platform.machine()) == "x86_64" else None,
+        "int8_saturation": saturation_warning(manifest) if manifest else None,
     }
     return env

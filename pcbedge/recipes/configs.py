@@ -61,6 +61,9 @@ class StaticInt8Config(_Recipe):
 
     op_types: tuple[str, ...] = ("Conv",)
     per_channel: bool = True
+    # 7-bit weights: x86 u8s8 kernels without VNNI (AVX2, AVX-512F/BW) sum pairs of u8 x s8
+    # products in int16 (vpmaddubsw), which saturates with 8-bit weights; 7 bits cannot
+    reduce_range: bool = False
     calibration_method: str = "minmax"
     activation_type: str = "uint8"
     weight_type: str = "int8"
@@ -166,5 +169,6 @@ def config_for_group(profile, group: str):
     if group == "decoder" and q.decoder_method == "dynamic":
         return DynamicInt8Config(op_types=ops or ("MatMul",), per_channel=q.per_channel)
     return StaticInt8Config(op_types=ops, per_channel=q.per_channel,
+                            reduce_range=q.reduce_range, weight_type=q.weight_type,
                             calibration_method=q.calibration_method,
                             **RUNTIME_FLAVOURS[profile.runtime])

@@ -2,6 +2,7 @@
 per graph. Every family's ONNX runner opens its bundle through :func:`open_sessions`."""
 from __future__ import annotations
 
+import logging
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,10 @@ import onnxruntime as ort
 
 from pcbedge.bundle.manifest import safe_path
 from pcbedge.errors import BundleError, HardwareMismatchError, TargetError
+from pcbedge.runtime.int8_kernels import saturation_warning
 from pcbedge.runtime.vocabulary import DEFAULT_SPIN_WAIT, SPIN_WAITS, normalize_arch
+
+log = logging.getLogger(__name__)
 
 _LEVELS = {"ORT_DISABLE_ALL": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
            "ORT_ENABLE_BASIC": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -85,6 +89,9 @@ def open_sessions(bundle_dir: Path, manifest: dict, *, threads=None,
                   providers=None) -> BundleSessions:
     """Check the architecture, providers and threads, then open one session per graph."""
     check_arch(bundle_dir, manifest)
+    clipping = saturation_warning(manifest)
+    if clipping:
+        log.warning("warning: bundle %s: %s", bundle_dir, clipping)
     runtime = manifest.get("runtime") or {}
     engine = runtime.get("engine", "onnxruntime")
     if engine != "onnxruntime" and providers is None:

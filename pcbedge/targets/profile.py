@@ -70,6 +70,8 @@ class QuantizationSettings:
     score_bias_boards: int = 0
     decoder_method: str = "static"    # int8 decoder: "static" (Q/DQ, calibrated) or "dynamic"
     block_size: int = 32              # int4: weights per scale
+    reduce_range: bool = False        # static int8: 7-bit weights (no u8s8 saturation)
+    weight_type: str = "int8"         # static int8 on onnxruntime: "int8" (u8s8) or "uint8" (u8u8)
 
 
 @dataclass(frozen=True)
@@ -240,7 +242,9 @@ SECTIONS: dict[str, tuple[type, dict]] = {
         "calibration_boards": (_int(1), 16),
         "score_bias_boards": (_int(0, 4096), 0),
         "decoder_method": (_choice(*DECODER_METHODS), "static"),
-        "block_size": (_int(16, 4096), 32)}),
+        "block_size": (_int(16, 4096), 32),
+        "reduce_range": (_bool, False),
+        "weight_type": (_choice("int8", "uint8"), "int8")}),
     "pruning": (TokenPruningConfig, {
         "method": (_choice(*PRUNING_METHODS), REQUIRED),
         "keep_ratio": (_number(0.0, 1.0, lo_open=True), 1.0),
@@ -355,6 +359,13 @@ def _check_consistency(src: str, p: TargetProfile) -> None:
                     "1.0 with method 'none'")
     if q.block_size & (q.block_size - 1):
         raise _fail(src, "quantization.block_size", q.block_size, "a power of two (32, 64, 128)")
+    if q.weight_type != "int8" and p.runtime != "onnxruntime":
+        raise _fail(src, "quantization.weight_type", q.weight_type,
+                    "'int8' for TensorRT (its explicit quantization takes symmetric int8)")
+    if q.reduce_range and p.runtime != "onnxruntime":
+        raise _fail(src, "quantization.reduce_range", True,
+                    "false for TensorRT (its int8 kernels do not saturate; 7-bit weights only "
+                    "lose precision there)")
     if q.decoder_method == "dynamic" and p.runtime != "onnxruntime":
         raise _fail(src, "quantization.decoder_method", "dynamic",
                     "'static' for TensorRT (explicit quantization needs Q/DQ scales)")
