@@ -56,6 +56,10 @@ VARIANTS: dict[str, tuple[StaticInt8Config | None, str]] = {
     "conv_relu_add_resize_pool": (replace(CONV_RELU, op_types=(
         "Conv", "Relu", "Add", "Resize", "MaxPool")), "all"),
     "conv_relu_per_tensor": (replace(CONV_RELU, per_channel=False), "all"),
+    # kernels that cannot clip on x86 without VNNI (pcbedge.runtime.int8_kernels): 7-bit
+    # weights, or u8 x u8 (the x86-cpu / arm64-cpu profiles' choice)
+    "conv_relu_reduce_range": (replace(CONV_RELU, reduce_range=True), "all"),
+    "conv_relu_u8u8": (replace(CONV_RELU, weight_type="uint8"), "all"),
     "conv_relu_s8s8_sym": (replace(CONV_RELU, activation_type="int8",
                                    activation_symmetric=True), "all"),
     "conv_relu_keep_act": (CONV_RELU.with_options(QDQKeepRemovableActivations=True), "all"),
