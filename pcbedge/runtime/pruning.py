@@ -18,8 +18,8 @@ from pcbedge.errors import TargetError
 # feature_norm: the norm of each visual token after the merger (Qwen-VL bundles, where no
 # model prior is exported); computed by the runner, not by a graph
 METHODS = ("none", "model_prior", "template_diff", "feature_norm")
-# which vision output scores the tokens for each method (also written into every manifest)
-SCORE_OUTPUTS = {"model_prior": "token_prior", "template_diff": "token_diff"}
+# which graph output scores the tokens for each method is the family's: its manifest's
+# ``token_scores`` map (method -> output name)
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,6 @@ class TokenPruningConfig:
     @property
     def enabled(self) -> bool:
         return self.method != "none"
-
-    @property
-    def score_output(self) -> str | None:
-        return SCORE_OUTPUTS.get(self.method)
 
 
 def token_budget(n: int, config: TokenPruningConfig) -> int:

@@ -11,9 +11,11 @@ from torch.export import Dim
 
 from pcbedge.data.preprocess import RECIPE
 from pcbedge.export.graphs import GraphExport, TensorSpec
-from pcbedge.runtime.pruning import SCORE_OUTPUTS
 
 SIZE_MULTIPLE = 32
+# the vision output that scores the visual tokens for each pruning method (the manifest's
+# token_scores)
+SCORE_OUTPUTS = {"model_prior": "token_prior", "template_diff": "token_diff"}
 VISION_OUTPUTS = ("visual_tokens", "region_tokens", "region_boxes", "region_scores",
                   "token_prior", "token_diff")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from pcbedge.families.pcbvlm.runner import as_prepared, check_input, prepare_board
 from pcbedge.runtime import validate_max_new_tokens, validate_question
 from pcbedge.runtime.protocol import Encoded, Prepared, Runner, ms_since
-from pcbedge.runtime.pruning import (SCORE_OUTPUTS, TokenPruningConfig, as_pruning_config,
+from pcbedge.runtime.pruning import (TokenPruningConfig, as_pruning_config,
                                      select_tokens)
 
 
@@ -74,6 +74,7 @@ class PcbVlmTorchRunner(Runner):
         n_total = int(enc["visual_tokens"].shape[1])
         keep = None
         if cfg.enabled:
+            from pcbedge.families.pcbvlm.export import SCORE_OUTPUTS
             keep = select_tokens(enc[SCORE_OUTPUTS[cfg.method]][0].numpy(), cfg)
         t0 = time.perf_counter()
         ans = self.model.answer_encoded(enc, question, encoded.meta, max_new_tokens, keep)
