@@ -26,6 +26,8 @@ reported only as such. Exit 0 when everything agrees and the arm64 gates pass, 1
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -40,6 +42,7 @@ DEFAULT_ROOT = Path(os.environ.get("PCBEDGE_ARM64_ROOT",
 VENV = "/opt/pcbedge-venv"
 SUITE, MIRROR = "bookworm", "http://deb.debian.org/debian"
 READY = ".pcbedge-ready"
+LOCK = ".pcbedge-lock"      # shared while a run uses the root, exclusive while prepare installs
 # bench options for a run that checks answers, not speed: one timed query, gates on accuracy
 NO_LATENCY = ["--queries", "1", "--min-seconds", "0", "--warmup", "0", "--p95-ms-max", "1e9"]
 
@@ -85,6 +88,30 @@ def prepare(root: Path) -> None:
     if (root / READY).exists() and (root / READY).read_text() == want:
         print(f"arm64 root {root} is ready (package {want})")
         return
+    with root_lock(root, exclusive=True):
+        _install(root, want)
+
+
+@contextlib.contextmanager
+def root_lock(root: Path, *, exclusive: bool):
+    """Runs share the root (each in its own work folder); installing the package waits until no
+    run uses it, and runs wait for an install to finish."""
+    with open(root / LOCK, "a") as f:
+        try:
+            fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for the arm64 root lock ({'install' if exclusive else 'run'})",
+                  flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield f
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _install(root: Path, want: str) -> None:
+    if (root / READY).exists() and (root / READY).read_text() == want:
+        return   # another process installed it while this one waited
     src = root / "opt" / "pcbedge-src"
     shutil.rmtree(src, ignore_errors=True)
     shutil.copytree(REPO / "pcbedge", src / "pcbedge",
@@ -196,18 +223,34 @@ def mount_proc(root: Path) -> list[Path]:
 
 def run(args) -> int:
     root = args.root
-    prepare(root)
-    mounted = mount_proc(root)
-    try:
-        return _run(args, root)
-    finally:
-        for m in reversed(mounted):
-            subprocess.run(["umount", "-R", str(m)], check=False)
+    while True:
+        prepare(root)
+        with root_lock(root, exclusive=False) as lock:
+            if (root / READY).read_text() != source_hash():
+                continue     # another checkout installed its package meanwhile: reinstall
+            mount_proc(root)
+            try:
+                return _run(args, root)
+            finally:
+                try:   # the last run out unmounts /proc: no other run holds the lock
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    subprocess.run(["umount", "-R", str(root / "proc")], check=False)
+                except BlockingIOError:
+                    pass
 
 
 def _run(args, root: Path) -> int:
-    work = root / "work"
-    shutil.rmtree(work, ignore_errors=True)
+    # a work folder of its own: concurrent runs (a test beside a long check) never share files
+    name = f"run-{os.getpid()}-{os.urandom(3).hex()}"
+    work, inside = root / "work" / name, f"/work/{name}"
+    try:
+        return _run_in(args, root, work, inside)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_in(args, root: Path, work: Path, inside: str) -> int:
+    work.mkdir(parents=True)
     shutil.copytree(args.bundle, work / "bundle")
     shutil.copytree(args.reference, work / "reference")
     stage_boards(args.data.resolve(), args.list, args.boards, work / "data")
@@ -218,17 +261,18 @@ def _run(args, root: Path) -> int:
                work / "reference", "--data", work / "data", "--list", work / "data/boards.txt",
                "--out", out / "x86", "--quiet", *NO_LATENCY]
     rc_x86 = subprocess.run([str(c) for c in x86_cmd], env=env).returncode
-    arm_cmd = [f"{VENV}/bin/python", "-m", "pcbedge", "bench", "/work/bundle", "--reference",
-               "/work/reference", "--data", "/work/data", "--list", "/work/data/boards.txt",
-               "--out", "/work/out", "--quiet", *NO_LATENCY]
+    arm_cmd = [f"{VENV}/bin/python", "-m", "pcbedge", "bench", f"{inside}/bundle", "--reference",
+               f"{inside}/reference", "--data", f"{inside}/data", "--list",
+               f"{inside}/data/boards.txt", "--out", f"{inside}/out", "--quiet", *NO_LATENCY]
     rc_arm = chroot(root, arm_cmd, check=False).returncode
     shutil.copytree(work / "out", out / "arm64", dirs_exist_ok=True)
     (work / "probe.py").write_text(PROBE)
     subprocess.run([sys.executable, str(work / "probe.py"), work / "bundle", work / "reference",
                     work / "data", out / "probe_x86.json", str(args.bias_boards)], env=env,
                    check=True)
-    chroot(root, [f"{VENV}/bin/python", "/work/probe.py", "/work/bundle", "/work/reference",
-                  "/work/data", "/work/probe.json", str(args.bias_boards)])
+    chroot(root, [f"{VENV}/bin/python", f"{inside}/probe.py", f"{inside}/bundle",
+                  f"{inside}/reference", f"{inside}/data", f"{inside}/probe.json",
+                  str(args.bias_boards)])
     shutil.copyfile(work / "probe.json", out / "probe_arm64.json")
     return summarize(out, rc_x86, rc_arm, args)
 
