@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 import click
 
 from pcbedge import __version__
-from pcbedge.errors import (BundleError, DatasetError, DependencyError, GateFailed, InputImageError,
+from pcbedge.errors import (BundleError, DependencyError, GateFailed, InputImageError,
                             PcbEdgeError)
 
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130   # 128 + SIGINT, as a shell reports Ctrl-C
+EXIT_TERMINATED = 143    # 128 + SIGTERM
 # Top-level modules of the optional extras -> the extra that installs them (pyproject.toml).
 OPTIONAL_MODULES = {"torch": "export", "onnx": "export", "onnxscript": "export",
                     "safetensors": "export", "transformers": "export",
@@ -43,9 +45,9 @@ class _Group(click.Group):
                                   "extra", fix=f"pip install 'pcbedge[{extra}]'")
             click.echo(f"error: {err}", err=True)
             ctx.exit(err.exit_code)
-        except KeyboardInterrupt:
-            click.echo("\ninterrupted", err=True)
-            ctx.exit(EXIT_INTERRUPTED)
+        except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM (Terminated) under main()
+            click.echo(_interrupted_message(e), err=True)
+            ctx.exit(getattr(e, "exit_code", EXIT_INTERRUPTED))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -59,7 +61,8 @@ def cli() -> None:
               help="Fine-tuned model folder (default: the shipped reference model).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bundles/export"),
               show_default=True, help="Folder for the ONNX graphs and manifest.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an --out bundle made by pcbedge (never any other folder).")
 @click.option("--no-check", is_flag=True, help="Skip the ONNX-vs-PyTorch comparison.")
 def export(model_dir, out_dir, overwrite, no_check) -> None:
     """Export a model to checked ONNX graphs + manifest.
@@ -68,6 +71,48 @@ def export(model_dir, out_dir, overwrite, no_check) -> None:
     from pcbedge import api
     out = api.export_model(model_dir, out_dir, overwrite=overwrite, check=not no_check)
     click.echo(f"exported to {out}")
+
+
+def _threads_option(ctx, param, value):
+    """--threads checked against this machine's cores before anything is loaded or written."""
+    if value is not None:
+        from pcbedge.runtime.sessions import check_threads
+        check_threads(value)
+    return value
+
+
+def _verify_on_open(verify_key, bundle) -> None:
+    """With --verify, the bundle must be signed by that key when the command opens it."""
+    if verify_key is None:
+        return
+    if bundle is None:
+        raise click.UsageError("--verify checks a bundle's signature: pass a BUNDLE")
+    from pcbedge.bundle.signing import check_signed, trusting
+    key = click.get_current_context().with_resource(trusting(verify_key, bundle))
+    check_signed(bundle, key)   # now, before anything is loaded or written
+
+
+@cli.command()
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder for sign_key.pem (private) and verify_key.pem (public).")
+def keygen(out_dir) -> None:
+    """Make an Ed25519 key pair for signing bundles (build --sign, ask/bench --verify)."""
+    from pcbedge.bundle.signing import generate_keys, load_verify_key
+    private, public = generate_keys(out_dir)
+    click.echo(f"private key {private} (keep it on the build machine; build --sign {private})")
+    click.echo(f"public key {public}, id {load_verify_key(public).key_id} (copy it to the "
+               f"devices; ask --verify {public}, or PCBEDGE_VERIFY_KEY={public})")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--key", "sign_key", required=True, type=click.Path(path_type=Path),
+              help="Ed25519 private key (PEM; pcbedge keygen).")
+def sign(bundle, sign_key) -> None:
+    """Sign an existing bundle or export (writes BUNDLE/manifest.sig, after checking every
+    file against the manifest)."""
+    from pcbedge.bundle.signing import sign_bundle
+    click.echo(f"signed: {sign_bundle(bundle, sign_key)}")
 
 
 @cli.command()
@@ -81,16 +126,19 @@ def export(model_dir, out_dir, overwrite, no_check) -> None:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help="Bundle folder (default: bundles/<target>).")
 @click.option("--keep-ratio", type=float, help="Override the profile's visual-token keep ratio.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an --out bundle made by pcbedge (never any other folder).")
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path),
+              help="Sign the bundle with this Ed25519 private key (PEM; pcbedge keygen).")
 def build(target, export_dir, calibration, calibration_list, out_dir, keep_ratio,
-          overwrite) -> None:
+          overwrite, sign_key) -> None:
     """Build a deployable bundle for a target from an export."""
     from pcbedge import api
     from pcbedge.targets import load_target
     load_target(target)  # a wrong target fails here, before the quantizers are imported
     out = api.build_bundle(target, export_dir, out_dir, calibration=calibration,
                            calibration_list=calibration_list, keep_ratio=keep_ratio,
-                           overwrite=overwrite)
+                           overwrite=overwrite, sign_key=sign_key)
     click.echo(f"bundle written to {out}")
 
 
@@ -117,7 +165,10 @@ REGRESSION_OPTIONS = ("max_p50_regression_pct", "max_p95_regression_pct",
 @click.option("--robustness", is_flag=True, help="Also run the image-corruption checks.")
 @click.option("--boards", "max_boards", type=click.IntRange(min=1), help="Use at most N boards.")
 @click.option("--warmup", type=click.IntRange(min=0), help="Untimed queries before timing.")
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: the profile's).")
+@click.option("--threads", type=click.IntRange(min=1), callback=_threads_option,
+              help="CPU threads (default: the profile's; at most 4 per core).")
+@click.option("--verify", "verify_key", type=click.Path(path_type=Path),
+              help="Refuse the bundle unless signed by this Ed25519 public key (PEM).")
 @click.option("--quiet", is_flag=True, help="No progress bars or summary table.")
 @click.option("--compare", "baseline", type=click.Path(path_type=Path),
               help="A previous run's report.json: differences with their uncertainty.")
@@ -131,7 +182,8 @@ REGRESSION_OPTIONS = ("max_p50_regression_pct", "max_p95_regression_pct",
 @click.option("--busy-machine", type=click.Choice(["flag", "refuse"]),
               help="On a busy machine: time and flag, or refuse (exit 4). Default: the profile's.")
 def bench(bundle, data, list_file, reference, out_dir, queries, min_seconds, sweep, robustness,
-          max_boards, warmup, threads, quiet, baseline, busy_machine, **gate_values) -> None:
+          max_boards, warmup, threads, quiet, baseline, busy_machine, verify_key,
+          **gate_values) -> None:
     """Measure a bundle's latency and accuracy drift against gates.
 
     Writes report.json, report.html, junit.xml and summary.md. Exits with code 3 when a gate is
@@ -142,6 +194,7 @@ def bench(bundle, data, list_file, reference, out_dir, queries, min_seconds, swe
                   and v is not None}
     extra = {k: v for k, v in (("compare", baseline), ("regression_gates", regression or None),
                                ("busy_machine", busy_machine)) if v is not None}
+    _verify_on_open(verify_key, bundle)
     report = api.run_benchmark(bundle, data=data, list_file=list_file, reference=reference,
                                out_dir=out_dir, queries=queries, min_seconds=min_seconds,
                                gates=gates, sweep=sweep, robustness=robustness,
@@ -178,8 +231,12 @@ def _failed_gates(report: dict) -> str:
                    "are relative to the JSONL's folder.")
 @click.option("--out", type=click.Path(path_type=Path), help="JSONL answers for --batch.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), help="Answer length limit.")
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for the runner.")
-def ask(args, model, image, template, as_json, show, batch, out, max_new_tokens, threads) -> None:
+@click.option("--threads", type=click.IntRange(min=1), callback=_threads_option,
+              help="CPU threads for the runner (at most 4 per core).")
+@click.option("--verify", "verify_key", type=click.Path(path_type=Path),
+              help="Refuse the bundle unless signed by this Ed25519 public key (PEM).")
+def ask(args, model, image, template, as_json, show, batch, out, max_new_tokens, threads,
+        verify_key) -> None:
     """Ask a question about a board. BUNDLE is a bundle folder (ONNX Runtime); without it,
     --model or the shipped reference model (PyTorch) answers."""
     bundle, question = _split_ask_args(args)
@@ -187,14 +244,18 @@ def ask(args, model, image, template, as_json, show, batch, out, max_new_tokens,
         raise click.UsageError("pass either BUNDLE or --model, not both")
     if batch is None:
         _check_single_ask(image, template, question, out)
+        if show is not None:   # the drawing never replaces the board or its template
+            from pcbedge.bundle.outputs import check_outside_inputs
+            check_outside_inputs(show, {"board image": image, "template": template})
         fmt = _image_format(show) if show is not None else None
     else:
         if out is None or any(v is not None for v in (image, template, question, show)):
             raise click.UsageError("--batch needs --out, and takes the image, template and "
                                    "question from each line (drop --image, --template, QUESTION "
                                    "and --show)")
-        items = _read_batch(batch)  # a bad line fails before the model is loaded
+        items = _read_batch(batch, out)  # a bad line fails before the model is loaded
     from pcbedge import api
+    _verify_on_open(verify_key, bundle)
     runner = api.load_runner(bundle or model, threads=threads)
     if batch is None and template is None and not getattr(runner, "template_optional", False):
         raise click.UsageError("pass --image and --template (this bundle's model reads both)")
@@ -246,55 +307,17 @@ def _jsonable(obj):
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-BATCH_KEYS = ("id", "image", "template", "question")
-
-
-def _read_batch(path: Path) -> list[tuple[int, dict]]:
-    """Parse and check every line of a batch JSONL: [(line number, item)]."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"batch file {path} cannot be read: {e}",
-                           fix="pass a UTF-8 JSONL file") from None
-    items, seen = [], {}
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{path} line {n}: not valid JSON ({e.msg})",
-                               fix=f"one object a line with keys {', '.join(BATCH_KEYS)}") from None
-        missing = [k for k in BATCH_KEYS if k not in item] if isinstance(item, dict) else BATCH_KEYS
-        if missing:
-            raise DatasetError(f"{path} line {n}: missing {', '.join(missing)}",
-                               fix=f"each line is an object with keys {', '.join(BATCH_KEYS)}")
-        for key in ("image", "template", "question"):
-            if not isinstance(item[key], str):
-                raise DatasetError(f"{path} line {n}: {key!r} = {item[key]!r} is not a string")
-        key = json.dumps(item["id"])
-        if key in seen:
-            raise DatasetError(f"{path} line {n}: id {item['id']!r} repeats line {seen[key]}",
-                               fix="give every line its own id")
-        seen[key] = n
-        base = path.parent
-        items.append((n, {**item, "image": base / item["image"],
-                          "template": base / item["template"]}))
-    if not items:
-        raise DatasetError(f"batch file {path} has no questions", fix="add JSONL lines")
-    return items
+def _read_batch(path: Path, out: Path | None = None) -> list[tuple[int, dict]]:
+    """Every line of a batch JSONL checked before any is answered
+    (:func:`pcbedge.runtime.batch.read_batch`)."""
+    from pcbedge.runtime.batch import read_batch
+    return read_batch(path, out)
 
 
 def _run_batch(runner, items, batch: Path, out: Path, kw: dict) -> None:
-    from tqdm import tqdm
-    with _atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for n, item in tqdm(items, desc="ask", unit="q", file=sys.stderr, disable=None):
-            try:
-                ans = runner.ask(item["image"], item["template"], item["question"], **kw)
-            except PcbEdgeError as e:
-                msg = str(e).split("\n  fix: ")[0]
-                raise type(e)(f"{batch} line {n} (id {item['id']!r}): {msg}", fix=e.fix) from None
-            f.write(json.dumps({"id": item["id"], **ans}, default=_jsonable) + "\n")
+    """The answers, one JSON line each, written atomically to ``out``."""
+    from pcbedge.runtime.batch import run_batch
+    run_batch(runner, items, batch, out, kw, default=_jsonable)
 
 
 def _atomic_path(path: Path, suffix: str = ".tmp"):
@@ -378,13 +401,40 @@ def targets() -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, like Ctrl-C's KeyboardInterrupt: every cleanup
+    that runs on Ctrl-C (staging folders, temporary files) runs on SIGTERM too, and
+    ``except Exception`` handlers do not swallow it."""
+
+    exit_code = EXIT_TERMINATED
+
+
+def _on_sigterm(signum, frame) -> None:
+    # a second SIGTERM must not interrupt the cleanup the first one started (SIGKILL still can)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
+
+
+def _interrupted_message(e: BaseException) -> str:
+    # Ctrl-C leaves the terminal's cursor after "^C": start a new line
+    return "terminated (SIGTERM)" if isinstance(e, Terminated) else "\ninterrupted"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point (``pcbedge``). Exit codes: docs/errors.md."""
+    """Console entry point (``pcbedge``). Exit codes: docs/errors.md (130 on Ctrl-C, 143 on
+    SIGTERM, each after the same cleanup and a one-line message)."""
+    import threading
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cli.main(args=argv, prog_name="pcbedge")
     except PcbEdgeError as e:  # raised outside a command (callbacks): the same contract
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt as e:
+        click.echo(_interrupted_message(e), err=True)
+        sys.exit(getattr(e, "exit_code", EXIT_INTERRUPTED))
+    finally:
+        if previous is not None:   # main() called in-process (tests) leaves no handler behind
+            signal.signal(signal.SIGTERM, previous)

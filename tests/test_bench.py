@@ -50,7 +50,7 @@ def _built_copy(bundle: Path, dest: Path, *, gates: dict, reference: Path | None
 
     shutil.copytree(bundle, dest)
     m = json.loads((dest / "manifest.json").read_text())
-    m["target"] = {"name": "test-target", "gates": gates}
+    m["target"] = {"name": "test-target", "arch": os.uname().machine, "gates": gates}
     if reference is not None:
         m["reference"] = {"path": str(reference),
                           "manifest_sha256": sha or manifest_sha256(reference)}
@@ -259,7 +259,8 @@ def test_perfect_answers_score_perfectly(monkeypatch, tmp_path):
 
     oracle = OracleRunner(load_workload(max_boards=4))
     monkeypatch.setattr(wl, "open_runner", lambda path, **kw: oracle)
-    report = run_benchmark(tmp_path, out_dir=tmp_path / "out", reference=tmp_path,
+    (tmp_path / "b").mkdir()   # the out folder may not lie inside the bundle
+    report = run_benchmark(tmp_path / "b", out_dir=tmp_path / "out", reference=tmp_path / "b",
                            **{**FAST, "max_boards": 4})
     a = report["accuracy"]
     for k in ("deeppcb_map", "deeppcb_f", "map_05", "count_exact_match", "where_accuracy",

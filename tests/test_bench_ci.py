@@ -42,7 +42,8 @@ def _with_target(bundle: Path, dest: Path, bench: dict) -> Path:
     """A copy whose manifest carries a target profile block with ``[bench]`` settings."""
     shutil.copytree(bundle, dest)
     m = json.loads((dest / "manifest.json").read_text())
-    m["target"] = {"name": "ci-box", "gates": OPEN_GATES, "bench": bench}
+    m["target"] = {"name": "ci-box", "arch": os.uname().machine, "gates": OPEN_GATES,
+                   "bench": bench}
     (dest / "manifest.json").write_text(json.dumps(m))
     return dest
 

@@ -307,8 +307,12 @@ def test_out_dir_rules(export, tmp_path):
     with pytest.raises(OutputError, match="not empty"):
         build_bundle("x86-cuda", export, out, progress=False)
     assert (out / "keep.txt").is_file()
-    build_bundle("x86-cuda", export, out, overwrite=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+    with pytest.raises(OutputError, match="not a bundle made by pcbedge"):   # even overwrite
+        build_bundle("x86-cuda", export, out, overwrite=True, progress=False)
+    (out / "keep.txt").unlink()
+    build_bundle("x86-cuda", export, out, progress=False)                   # empty: fine
+    build_bundle("x86-cuda", export, out, overwrite=True, progress=False)   # a bundle: replaced
+    assert (out / "manifest.json").is_file()
     with pytest.raises(OutputError, match="own export"):
         build_bundle("x86-cuda", export, export, overwrite=True, progress=False)
 

@@ -280,11 +280,12 @@ def test_overwrite_replaces_atomically(tmp_path):
     out = tmp_path / "bundle"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    (out / "manifest.json").write_text('{"kind": "pcbedge-bundle", "schema_version": 1}')
     with pytest.raises(RuntimeError):
         with staged_dir(out, overwrite=True) as stage:
             (stage / "new.txt").write_text("new")
             raise RuntimeError("interrupted")
-    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "old.txt"]
     with staged_dir(out, overwrite=True) as stage:
         (stage / "new.txt").write_text("new")
         (stage / "manifest.json.partial").write_text("{}")

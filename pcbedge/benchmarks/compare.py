@@ -75,6 +75,15 @@ def load_baseline(path) -> dict:
     if not isinstance(samples, list) or not samples:
         raise PcbEdgeError(f"baseline report {p} holds no raw latency samples "
                            "(latency_samples_ms.total)", fix=fix)
+    # null is a sample strict JSON wrote for a NaN (left out, as NaN would be); text is not
+    bad = next(((i, v) for i, v in enumerate(samples) if v is not None and (
+        isinstance(v, bool) or not isinstance(v, (int, float)))), None)
+    if bad is not None:
+        raise PcbEdgeError(f"baseline report {p}: latency_samples_ms.total[{bad[0]}] = "
+                           f"{bad[1]!r} is not a number", fix=fix)
+    if not any(isinstance(v, (int, float)) and math.isfinite(v) for v in samples):
+        raise PcbEdgeError(f"baseline report {p} holds no finite latency sample "
+                           "(latency_samples_ms.total is all null, NaN or infinite)", fix=fix)
     data["_path"] = str(p)
     return data
 

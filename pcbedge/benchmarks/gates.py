@@ -109,6 +109,12 @@ def evaluate_gates(limits: dict[str, dict], report: dict) -> dict[str, dict]:
                      reason="no FP32 reference run (pass reference=, or build the bundle with one)")
         elif g["value"] is None:
             g.update(passed=None, status="skipped", reason="the figure is undefined on this data")
+        elif not math.isfinite(g["value"]):
+            # NaN passes no comparison and inf is no measurement: a bug, so the gate fails
+            # (never skips); the value itself is written as null (strict JSON)
+            g.update(passed=False, status="failed",
+                     reason="the figure is NaN or infinite: a bug in the measurement, "
+                            "please report it")
         else:
             # a 1e-9 slack: a drop of exactly one point (0.755 - 0.745) must not fail on
             # floating-point noise
@@ -122,6 +128,10 @@ def failed_gates(gates: dict[str, dict]) -> list[str]:
     return [n for n, g in gates.items() if g.get("passed") is False]
 
 
+def _num(v) -> str:
+    return f"{v:.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "null"
+
+
 def describe_failures(gates: dict[str, dict]) -> str:
-    return "; ".join(f"{n}: {g['value']:.4g} not {g['op']} {g['limit']:.4g}"
+    return "; ".join(f"{n}: {_num(g['value'])} not {g['op']} {_num(g['limit'])}"
                      for n, g in gates.items() if g.get("passed") is False)

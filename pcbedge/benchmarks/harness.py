@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
-import json
 import textwrap
 import time
 from dataclasses import dataclass
@@ -20,11 +19,13 @@ from pcbedge.benchmarks import accuracy as acc_mod
 from pcbedge.benchmarks import compare as compare_mod
 from pcbedge.benchmarks import gates as gates_mod
 from pcbedge.benchmarks import machine_state as ms_mod
+from pcbedge.benchmarks import strict_json
 from pcbedge.benchmarks import workload as wl
 from pcbedge.benchmarks.environment import (collect_environment, manifest_sha256,
                                             read_manifest_json)
 from pcbedge.benchmarks.metrics import latency_summary
-from pcbedge.errors import BundleError, GateFailed, MachineBusy, OutputError, PcbEdgeError
+from pcbedge.benchmarks.reference import check_reference, resolve_reference
+from pcbedge.errors import BundleError, GateFailed, MachineBusy, PcbEdgeError
 
 SCHEMA_VERSION = 1
 GALLERY_MAX = 24
@@ -50,60 +51,23 @@ class _Rss:
         return mb
 
 
-def _json_default(o):
-    import numpy as np
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
-
-
 def _write_atomic(path: Path, text: str) -> None:
     """The package's one writer: temp file beside ``path``, fsync, rename, the user's umask."""
     from pcbedge.bundle.atomic import atomic_write_text
     atomic_write_text(path, text)
 
 
-def _prepare_out(out_dir) -> Path:
+def _prepare_out(out_dir, inputs: dict) -> Path:
+    """The report folder, created: never one of the bench's ``inputs`` (nor inside or around
+    one), and, when not empty, a previous bench report (its files are replaced one by one)."""
+    from pcbedge.bundle.outputs import check_output, output_error
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output path {out} exists and is not a folder",
-                          fix="pass another --out folder")
+    check_output(out, overwrite=True, inputs=inputs, kind="bench")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"cannot create the output folder {out}: {e.strerror or e}",
-                          fix="pick a writable --out folder") from None
+        raise output_error(e, out) from None
     return out
-
-
-def resolve_reference(bundle: Path, manifest: dict, reference) -> tuple[Path | None, str]:
-    """(FP32 reference folder or None, how it was chosen / why there is none)."""
-    if reference is not None:
-        p = Path(reference)
-        if not p.exists():
-            raise BundleError(f"reference {p} not found",
-                              fix="pass the FP32 export folder (pcbedge export) as --reference")
-        return p, f"given: {p}"
-    ref = manifest.get("reference")
-    # "export_dir" is what pcbedge build writes; "path" is accepted as its synonym.
-    named = (ref.get("path") or ref.get("export_dir")) if isinstance(ref, dict) else None
-    if not named:
-        return None, "the bundle's manifest names no FP32 reference and none was given"
-    p = Path(named)
-    if not p.is_absolute() and not p.exists() and (bundle / p).exists():
-        p = bundle / p
-    if not p.exists():
-        return None, f"the manifest's reference {named} does not exist on this machine"
-    want, have = ref.get("manifest_sha256"), manifest_sha256(p)
-    if want and have and want != have:
-        raise BundleError(f"the reference {p} named by {bundle}/manifest.json has manifest sha256 "
-                          f"{have[:12]}..., not the {want[:12]}... the bundle was built from",
-                          fix="pass the right FP32 export with --reference, or rebuild the bundle")
-    return p, f"manifest: {p}"
 
 
 def _close_runner(runner) -> None:
@@ -182,17 +146,31 @@ def _write_outputs(out: Path, report: dict, workload: wl.Workload,
     from pcbedge.benchmarks.report_html import write_report_html
 
     preds = acc_mod.describe_predictions(workload, answers)
-    lines = [json.dumps({"id": f"{b.group}/{b.id}", "image": str(b.test_path), "defects": p},
-                        default=_json_default) for b, p in zip(workload.boards, preds)]
+    lines, bad = [], []
+    for n, (b, p) in enumerate(zip(workload.boards, preds), 1):
+        rec, _ = strict_json.replace_nonfinite(
+            {"id": f"{b.group}/{b.id}", "image": str(b.test_path), "defects": p},
+            f"predictions.jsonl:{n}", bad)
+        lines.append(strict_json.dumps(rec))
     _write_atomic(out / "predictions.jsonl", "\n".join(lines) + "\n")
     report["outputs"] = {k: str(out / k) for k in ("report.json", "predictions.jsonl",
                                                    "report.html", "junit.xml", "summary.md")}
-    _write_atomic(out / "report.json", json.dumps(report, indent=2, default=_json_default) + "\n")
+    # cleaned in place: the report returned, report.json, junit, summary and HTML all agree
+    if strict_json.clean_report(report, bad):
+        _warn_nonfinite(report["nonfinite_values"]["paths"])
+    _write_atomic(out / "report.json", strict_json.dumps(report, indent=2) + "\n")
     _write_ci_outputs(out, report)
     # The HTML draws CDFs from the raw per-stage samples, not from the JSON's summaries.
     html_view = {**report, "latency_ms_by_stage": {
-        k: v for k, v in report["latency_samples_ms"].items() if k != "kind"}}
+        k: [x for x in v if x is not None]   # a NaN sample is null by now
+        for k, v in report["latency_samples_ms"].items() if k != "kind"}}
     write_report_html(out / "report.html", html_view, build_gallery(workload, answers))
+
+
+def _warn_nonfinite(paths: list[str]) -> None:
+    import logging
+    shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+    logging.getLogger(__name__).warning("NaN or infinite figures written as null: %s", shown)
 
 
 def _f(v, nd: int = 3) -> str:
@@ -240,6 +218,7 @@ def print_summary(report: dict, out: Path) -> None:
 def _write_ci_outputs(out: Path, report: dict) -> None:
     """junit.xml (one test case per gate) and summary.md (a CI job summary)."""
     from pcbedge.benchmarks.ci_outputs import render_junit, render_markdown
+    report, _ = strict_json.replace_nonfinite(report)   # "n/a", never "nan", in CI outputs
     _write_atomic(out / "junit.xml", render_junit(report))
     _write_atomic(out / "summary.md", render_markdown(report))
 
@@ -396,18 +375,22 @@ def run_benchmark(bundle, *, data=None, list_file=None, reference=None, out_dir=
     limits = gates_mod.resolve_limits(manifest, gates)  # a bad gate fails before the long run
     workload = wl.load_workload(data, list_file, max_boards)
     ref_path, ref_note = resolve_reference(bundle, manifest, reference)
+    ref_check = check_reference(bundle, manifest, ref_path, warn=progress)  # before any timing
     policy = ms_mod.resolve_policy(manifest, busy_machine)
     regression = compare_mod.check_regression_limits(regression_gates)
     baseline = compare_mod.load_baseline(compare) if compare is not None else None
     if regression and baseline is None:
         raise PcbEdgeError("regression gates need a baseline report",
                            fix="pass compare= (--compare BASELINE/report.json)")
-    out = _prepare_out(out_dir)
+    out = _prepare_out(out_dir, {"bundle": bundle, "data folder": workload.data_root,
+                                 "list file": workload.list_file, "reference": ref_path})
     before = _check_machine(out, bundle, policy, progress)
 
     run = _measure_bundle(bundle, workload, manifest, robustness=robustness, threads=threads,
                           progress=progress, **pass_args)
     drift = _drift(ref_path, ref_note, workload, run, threads, progress)
+    if ref_check is not None and drift.get("available"):
+        drift["reference_check"] = ref_check
     sweep_rows = None
     if sweep:
         from pcbedge.benchmarks.sweep import run_sweep

@@ -92,7 +92,11 @@ def _resolve_list(root: Path, list_file, data_given: bool) -> Path:
 
 
 def load_workload(data=None, list_file=None, max_boards: int | None = None) -> Workload:
-    """Boards of ``list_file`` under ``data`` (default: the embedded sample's bench.txt)."""
+    """Boards of ``list_file`` under ``data`` (default: the embedded sample's bench.txt).
+
+    The whole list is validated here, before any runner is opened: every line parses, its
+    images exist and agree in size, its boxes lie inside the image, and every benched board's
+    images decode. A bad last line fails before the first board is answered."""
     if max_boards is not None and (isinstance(max_boards, bool) or not isinstance(max_boards, int)
                                    or max_boards < 1):
         raise PcbEdgeError(f"max_boards {max_boards!r} is not a positive integer",
@@ -102,9 +106,27 @@ def load_workload(data=None, list_file=None, max_boards: int | None = None) -> W
         raise DatasetError(f"data folder {root} does not exist",
                            fix="pass --data DIR pointing at a DeepPCB-layout folder")
     lf = _resolve_list(root, list_file, data is not None)
-    boards = read_list(root, lf)[:max_boards]
+    boards = read_list(root, lf)[:max_boards]   # every line checked, even past max_boards
+    check_board_images(boards, lf)
     queries = tuple(Query(i, qa) for i, b in enumerate(boards) for qa in board_questions(b))
     return Workload(tuple(boards), queries, root, lf)
+
+
+def check_board_images(boards, list_file: Path) -> None:
+    """Decode every board and template once (a truncated JPEG on line 200 must not surface
+    after the latency pass); the error names the list line."""
+    seen: set[Path] = set()
+    for board in boards:
+        for path in (board.test_path, board.template_path):
+            if path in seen:
+                continue
+            try:
+                read_gray(path)
+            except InputImageError as e:
+                where = f"{list_file}:{board.list_line}" if board.list_line else str(list_file)
+                msg = str(e).removesuffix(f"\n  fix: {e.fix}") if e.fix else str(e)
+                raise InputImageError(f"{where}: {msg}", fix=e.fix) from None
+            seen.add(path)
 
 
 # ----------------------------------------------------------------------------- runner access

@@ -10,57 +10,69 @@ A bundle folder is published in two renames, and the manifest is the very last n
 
 So a process killed at any point leaves either nothing, a hidden staging folder without a
 manifest, a destination without a manifest (which every reader refuses as incomplete), or the
-complete bundle: never a half-written folder that looks complete. Torch-free.
+complete bundle: never a half-written folder that looks complete. The renames run with SIGINT
+and SIGTERM held back, so an interrupt lands before or after them, never between.
+
+Before anything is written (or deleted) the destination is checked
+(:func:`pcbedge.bundle.outputs.check_output`): ``--out`` never overlaps an input, and
+``overwrite`` replaces only what pcbedge made. A failed write (full disk, read-only, no
+permission) is an OutputError naming the destination. Torch-free.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
-from pcbedge.errors import OutputError
+from pcbedge.bundle.outputs import (check_destination, check_output, dumps_json, output_error,
+                                    tree_bytes, write_failure)
+
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+           "staged_dir", "publish", "clean_stale_staging", "check_destination", "check_output"]
 
 PARTIAL_SUFFIX = ".partial"
 _STAGING_TAG = ".staging-"
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+def atomic_path(path: str | Path, suffix: str = ".tmp", *,
+                needed: int | None = None) -> Iterator[Path]:
     """A temporary path beside ``path`` (the user's umask, not mkstemp's 0600: outputs are
     shared like any file the user makes), renamed onto ``path`` only if the block succeeds and
-    removed otherwise. OSError (no space, read-only, no permission) -> OutputError naming the
-    path. The one file writer of pcbedge: bundles, reports, answers, drawings."""
+    removed otherwise. OSError (no space, read-only, no permission), raised here or by the
+    block, -> OutputError naming ``path`` (and ``needed`` bytes, when known, for a full disk).
+    The one file writer of pcbedge: bundles, reports, answers, drawings."""
     path = Path(path)
-    try:
+    tmp = None
+    try:   # one try from the temporary's creation on: a signal can land between any two lines
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
         os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}",
-                          fix="choose a writable folder with free space") from None
-    try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise OutputError(f"cannot write {path}: {e.strerror or e}",
-                          fix="check the free space and permissions of its folder") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise output_error(exc, path, needed=needed) from exc
+        failure = (write_failure(exc, within=(Path(tmp),))   # not an input's EACCES
+                   if isinstance(exc, Exception) and tmp is not None else None)
+        if failure is not None:
+            raise output_error(failure, path, needed=needed) from exc
         raise
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder, fsync, rename."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path, needed=len(data)) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -77,7 +89,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """JSON without NaN or Infinity (written as null: the standard has no such numbers)."""
+    atomic_write_text(path, dumps_json(obj, indent=2, sort_keys=False) + "\n")
 
 
 def _staging_prefix(out_dir: Path) -> str:
@@ -95,7 +108,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale_staging(out_dir: Path) -> list[Path]:
-    """Remove staging folders of ``out_dir`` left by killed processes (their pid is gone)."""
+    """Remove staging folders of ``out_dir`` left by killed processes (their pid is gone),
+    with whatever they hold (the quantizer's temporaries live inside them too)."""
     removed = []
     parent, prefix = out_dir.parent, _staging_prefix(out_dir)
     if not parent.is_dir():
@@ -110,40 +124,40 @@ def clean_stale_staging(out_dir: Path) -> list[Path]:
     return removed
 
 
-def check_destination(out_dir: Path, overwrite: bool) -> None:
-    """Refuse a destination that exists and is not empty, unless ``overwrite``."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"output path {out_dir} exists and is not a folder",
-                          fix="pass another output folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        what = ("a bundle" if (out_dir / "manifest.json").is_file()
-                else "files but no manifest.json (an interrupted export?)")
-        raise OutputError(f"output folder {out_dir} is not empty: it holds {what}",
-                          fix="pass overwrite=True (--overwrite) to replace it atomically, "
-                              "or choose another folder")
-
-
 @contextlib.contextmanager
-def staged_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+def staged_dir(out_dir: str | Path, *, overwrite: bool = False,
+               inputs: Mapping[str, str | Path | None] | None = None,
+               needed: int | None = None) -> Iterator[Path]:
     """Yield a fresh staging folder; on a clean exit publish it as ``out_dir`` (see module doc).
 
-    On any exception the staging folder is deleted and ``out_dir`` is left as it was.
+    ``out_dir`` is checked first (:func:`~pcbedge.bundle.outputs.check_output` against
+    ``inputs``; a symlink is followed, so the folder it points to is replaced and the link
+    kept). On any exception the staging folder is deleted and ``out_dir`` is left as it was; a
+    disk failure anywhere in the block, however re-wrapped, becomes an OutputError naming
+    ``out_dir`` and, for a full disk, the space needed (``needed`` bytes, or what was staged).
     """
     out_dir = Path(out_dir).absolute()
-    check_destination(out_dir, overwrite)
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale_staging(out_dir)
-        stage = out_dir.parent / f"{_staging_prefix(out_dir)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        stage.mkdir()
-    except OSError as e:
-        raise OutputError(f"cannot write into {out_dir.parent}: {e.strerror or e}",
-                          fix="choose a writable folder with free space") from None
-    try:
+    if out_dir.is_symlink():
+        out_dir = out_dir.resolve()
+    check_output(out_dir, overwrite=overwrite, inputs=inputs)
+    stage = out_dir.parent / f"{_staging_prefix(out_dir)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:   # one try from the stage's creation on: a signal can land between any two lines
+        try:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale_staging(out_dir)
+            stage.mkdir()
+        except OSError as e:
+            raise output_error(e, out_dir.parent, needed=needed) from e
         yield stage
-        publish(stage, out_dir, overwrite=overwrite)
-    except BaseException:
+        with _signals_held():
+            publish(stage, out_dir, overwrite=overwrite)
+    except BaseException as exc:
+        staged = tree_bytes(stage)
         shutil.rmtree(stage, ignore_errors=True)
+        failure = (write_failure(exc, within=(stage, out_dir))
+                   if isinstance(exc, Exception) else None)
+        if failure is not None:
+            raise output_error(failure, out_dir, needed=max(needed or 0, staged) or None) from exc
         raise
 
 
@@ -160,14 +174,41 @@ def publish(stage: Path, out_dir: Path, *, overwrite: bool) -> None:
     except OSError as e:
         if old is not None and not out_dir.exists():
             os.rename(old, out_dir)
-        raise OutputError(f"cannot move the finished export into {out_dir}: {e.strerror or e}",
-                          fix="check permissions and free space of the output folder") from None
+        raise output_error(e, out_dir) from e
     for partial in out_dir.glob(f"*{PARTIAL_SUFFIX}"):
         os.replace(partial, partial.with_name(partial.name[: -len(PARTIAL_SUFFIX)]))
     _fsync_dir(out_dir)
     _fsync_dir(out_dir.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait until the block is done, then act as they would have: an
+    interrupt between moving the old bundle aside and renaming the new one into place would
+    leave neither at ``out_dir``. (The main thread only: Python runs signal handlers there.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    saved = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        saved[sig] = signal.getsignal(sig)
+        if saved[sig] not in (signal.SIG_IGN, None):
+            signal.signal(sig, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+        for sig in dict.fromkeys(pending):
+            handler = saved[sig]
+            if callable(handler):
+                handler(sig, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(sig)
 
 
 def _fsync_dir(path: Path) -> None:

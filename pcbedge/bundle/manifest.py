@@ -9,16 +9,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path, PurePosixPath
 
+from pcbedge import __version__
 from pcbedge.errors import BundleError
 from pcbedge.bundle.atomic import PARTIAL_SUFFIX, atomic_write_json
+from pcbedge.bundle.schema import Violation, validate_manifest
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+MIN_SCHEMA_VERSION = 1   # the oldest manifest this pcbedge reads
 KIND = "pcbedge-bundle"
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"   # pcbedge.bundle.signing: signs manifest.json, so never listed in it
 REQUIRED_FIELDS = (
     "schema_version", "kind", "family", "graphs", "kv_cache", "visual_tokens", "token_scores",
     "num_regions", "input_size", "preprocess", "tokenizer", "max_question_tokens",
@@ -41,7 +46,8 @@ def list_files(bundle_dir: str | Path) -> dict[str, dict]:
     out = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
-        if p.is_file() and rel not in (MANIFEST, MANIFEST + PARTIAL_SUFFIX):
+        if p.is_file() and rel not in (MANIFEST, MANIFEST + PARTIAL_SUFFIX, SIGNATURE,
+                                       SIGNATURE + PARTIAL_SUFFIX):
             out[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     return out
 
@@ -60,6 +66,12 @@ def write_manifest(bundle_dir: str | Path, manifest: dict, *, partial: bool = Fa
 
 def read_manifest(bundle_dir: str | Path) -> dict:
     """Read and validate a bundle's manifest; every problem is a BundleError with a fix."""
+    return read_manifest_bytes(bundle_dir)[0]
+
+
+def read_manifest_bytes(bundle_dir: str | Path) -> tuple[dict, bytes]:
+    """The validated manifest and the exact bytes it was parsed from (what a signature signs:
+    :mod:`pcbedge.bundle.signing` verifies these very bytes, never a second read)."""
     root = Path(bundle_dir)
     path = root / MANIFEST
     if not path.is_file():
@@ -70,38 +82,87 @@ def read_manifest(bundle_dir: str | Path) -> dict:
         raise BundleError(f"bundle {root} is incomplete ({why})",
                           fix="export it again (pcbedge export) or pass a complete bundle")
     try:
-        m = json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+        m = json.loads(data.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{path} is not valid JSON: {e}",
                           fix="the bundle is corrupt; export it again") from None
+    check_manifest(m, root)
+    return m, data
+
+
+def check_manifest(m, root: str | Path) -> None:
+    """Validate a parsed manifest (kind, versions, required fields, the schema of every core
+    field, the rules between fields); ``root`` names the bundle in messages."""
+    path = Path(root) / MANIFEST
     if not isinstance(m, dict):
         raise BundleError(f"{path} holds a {type(m).__name__}, not a JSON object",
                           fix="the bundle is corrupt; export it again")
     if m.get("kind") != KIND:
         raise BundleError(f"{path} has kind {m.get('kind')!r}, not {KIND!r}",
                           fix="pass a pcbedge bundle folder")
-    version = m.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise BundleError(f"{path} has schema_version {version!r}, not an integer",
-                          fix="the bundle is corrupt; export it again")
-    if version > SCHEMA_VERSION:
-        raise BundleError(f"bundle {root} has manifest schema_version {version}, newer than "
-                          f"version {SCHEMA_VERSION} that this pcbedge supports",
-                          fix="upgrade pcbedge (pip install -U pcbedge)")
+    check_versions(m, root)
     missing = [k for k in REQUIRED_FIELDS if k not in m]
     if missing:
         raise BundleError(f"{path} lacks the fields {missing}",
                           fix="the bundle is incomplete or corrupt; export it again")
-    graphs = m["graphs"]
-    if (not isinstance(graphs, dict) or not graphs
-            or not all(isinstance(g, dict) and isinstance(g.get("file"), str)
-                       for g in graphs.values())):
-        raise BundleError(f"{path} has no valid graphs table (role -> {{file, ...}})",
-                          fix="the bundle is corrupt; export it again")
-    if not isinstance(m["family"], str):
-        raise BundleError(f"{path} has family {m['family']!r}, not a name",
-                          fix="the bundle is corrupt; export it again")
-    return m
+    try:
+        validate_manifest(m)
+    except Violation as v:
+        raise schema_error(root, v) from None
+
+
+def check_versions(m: dict, root: str | Path) -> None:
+    """Refuse a manifest older than this pcbedge reads, or made by a newer schema or pcbedge
+    (a newer tool may write fields or graphs this one would misread)."""
+    version = m.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise BundleError(f"{Path(root) / MANIFEST} has schema_version {version!r}, not an "
+                          "integer", fix="the bundle is corrupt; export it again")
+    if version > SCHEMA_VERSION:
+        raise BundleError(f"bundle {root} has manifest schema_version {version}, newer than "
+                          f"version {SCHEMA_VERSION} that this pcbedge supports",
+                          fix="upgrade pcbedge (pip install -U pcbedge)")
+    if version < MIN_SCHEMA_VERSION:
+        raise BundleError(f"bundle {root} has manifest schema_version {version}, older than "
+                          f"version {MIN_SCHEMA_VERSION}, the oldest this pcbedge "
+                          f"{__version__} reads",
+                          fix="export and build the bundle again with this pcbedge")
+    tools = m.get("tools")
+    made_by = tools.get("pcbedge") if isinstance(tools, dict) else None
+    if made_by is None:
+        return
+    if not isinstance(made_by, str) or not re.match(r"\d+(\.\d+)*", made_by):
+        raise BundleError(f"bundle {root}: manifest field 'tools.pcbedge' = {made_by!r} is not "
+                          "a version", fix="the manifest was edited or is corrupt: export or "
+                                           "build the bundle again with this pcbedge")
+    if _release(made_by) > _release(__version__):
+        raise BundleError(f"bundle {root} was made by pcbedge {made_by} (manifest field "
+                          f"tools.pcbedge), newer than this pcbedge {__version__}",
+                          fix="upgrade pcbedge (pip install -U pcbedge) on this machine")
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor): a newer patch release reads the same manifests, so only these count
+    ("0+source", a source checkout, is 0.0)."""
+    parts = [int(p) for p in re.match(r"\d+(\.\d+)*", version).group(0).split(".")]
+    return (parts[0], parts[1] if len(parts) > 1 else 0)
+
+
+def schema_error(root: str | Path, v: Violation) -> BundleError:
+    """The BundleError of a schema violation: the field's JSON path, the value, what is valid."""
+    value = repr(v.value)
+    value = value if len(value) <= 80 else value[:77] + "..."
+    fix = ("the manifest was edited or is corrupt: export or build the bundle again with this "
+           "pcbedge (docs/export.md lists every field)")
+    if v.problem == "missing":
+        return BundleError(f"bundle {root}: manifest field '{v.path}' is missing; expected "
+                           f"{v.expected}", fix=fix)
+    if v.problem == "unknown":
+        return BundleError(f"bundle {root}: manifest field '{v.path}' is not a known field; "
+                           f"expected {v.expected}", fix=fix)
+    return BundleError(f"bundle {root}: manifest field '{v.path}' = {value} is not valid; "
+                       f"expected {v.expected}", fix=fix)
 
 
 def safe_path(root: Path, rel: str, what: str = "file") -> Path:

@@ -138,7 +138,7 @@ def _candidates(root: Path, list_file) -> tuple[list[CalibrationEntry], bool]:
         return _plain_pairs(root), False
     try:
         boards = read_list(root, list_file)
-    except DatasetError as e:
+    except (DatasetError, InputImageError) as e:   # read_list reads image headers too
         raise CalibrationError(f"calibration list of {root} cannot be read: {e}",
                                fix="fix the list file or pass a folder of *_test/*_temp pairs"
                                ) from None

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from pcbedge.errors import DependencyError, ExportError, ModelError, OutputError
-from pcbedge.bundle.atomic import check_destination, staged_dir
+from pcbedge.bundle.atomic import check_output, staged_dir
+from pcbedge.bundle.outputs import raise_write_failure
 from pcbedge.export.graphs import GraphExport
 from pcbedge.bundle.manifest import KIND, SCHEMA_VERSION, list_files, sha256_file, write_manifest
 
@@ -46,10 +47,13 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, opset: int = DEF
     if dst == src or src.is_relative_to(dst) or dst.is_relative_to(src):
         raise OutputError(f"output folder {out_dir} overlaps the model folder {model_dir}",
                           fix="write the bundle to a folder outside the model folder")
-    check_destination(out_dir.absolute(), overwrite)
+    inputs = {"model folder": model_dir}
+    check_output(out_dir.absolute(), overwrite=overwrite, inputs=inputs)
     steps = ["load model", *[f"export {g}" for g in family.graph_roles],
              "parity" if check else "skip parity", "manifest"]
-    with _progress_bar(steps, progress) as bar, staged_dir(out_dir, overwrite=overwrite) as stage:
+    needed = _weights_bytes(model_dir / family.weights_file)   # the graphs hold the weights
+    with _progress_bar(steps, progress) as bar, staged_dir(
+            out_dir, overwrite=overwrite, inputs=inputs, needed=needed) as stage:
         bar.set_description(steps[0])
         model = family.load_model(model_dir)
         input_size = family.default_input_size(model)
@@ -75,6 +79,13 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, opset: int = DEF
         write_manifest(stage, manifest, partial=True)   # revealed as manifest.json last
         bar.update()
     return out_dir
+
+
+def _weights_bytes(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 def _require(*modules: str) -> None:
@@ -128,6 +139,7 @@ def export_graph(g: GraphExport, folder: Path, opset: int) -> dict:
                                         external_data=big, verbose=False)
             program.save(str(path), external_data=big)
     except Exception as e:  # the dynamo exporter raises many types; fall back, say why
+        raise_write_failure(e, within=(folder,))   # a full disk: no fallback would help
         fallback_reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
         log.warning("dynamo export of %s failed (%s); using the TorchScript exporter",
                     g.name, fallback_reason)
@@ -140,6 +152,7 @@ def export_graph(g: GraphExport, folder: Path, opset: int) -> dict:
                                   dynamic_axes=g.dynamic_axes(), dynamo=False,
                                   do_constant_folding=True)
         except Exception as e2:
+            raise_write_failure(e2, within=(folder,))
             raise ExportError(f"graph {g.name} failed to export with both exporters: "
                               f"dynamo: {fallback_reason}; torchscript: {type(e2).__name__}: "
                               f"{str(e2).strip().splitlines()[0][:300]}",

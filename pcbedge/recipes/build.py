@@ -30,22 +30,26 @@ def build_bundle(target, export_dir: str | Path = "bundles/export",
                  out_dir: str | Path | None = None, *, calibration: str | Path | None = None,
                  calibration_list: str | Path | None = None,
                  keep_ratio: float | None = None, overwrite: bool = False,
-                 progress: bool = True) -> Path:
+                 sign_key: str | Path | None = None, progress: bool = True) -> Path:
     """Build the bundle of ``target`` (a shipped name, a .toml path or a TargetProfile) from the
     FP32 export in ``export_dir`` into ``out_dir`` (default ``bundles/<target>``) and return it.
 
     ``calibration``: a folder of boards for the INT8 scales (default: the embedded sample's
     calib.txt); ``calibration_list``: a DeepPCB list file naming the boards of that folder to
     draw from (e.g. the train side only). ``keep_ratio`` overrides the profile's visual-token keep ratio. An existing,
-    non-empty ``out_dir`` is an OutputError unless ``overwrite``.
+    non-empty ``out_dir`` is an OutputError unless ``overwrite``. ``sign_key``: an Ed25519
+    private key PEM; the bundle then carries ``manifest.sig`` (pcbedge.bundle.signing), written
+    in the staging folder so it is in place before the manifest appears.
     """
-    from pcbedge.bundle.atomic import staged_dir
+    from pcbedge.bundle.atomic import check_output, staged_dir
+    from pcbedge.bundle.outputs import tree_bytes
     from pcbedge.bundle.manifest import write_manifest
     from pcbedge.targets import load_target
 
     from pcbedge.families import get_family
 
     profile = load_target(target)
+    signer = signing_key_for(profile, sign_key)   # a bad key fails before minutes of work
     export_dir = Path(export_dir)
     source = read_export(export_dir)
     family = get_family(source["family"])
@@ -54,17 +58,42 @@ def build_bundle(target, export_dir: str | Path = "bundles/export",
     if out_dir.absolute().resolve() == export_dir.absolute().resolve():
         raise OutputError(f"the build would overwrite its own export {export_dir}",
                           fix="pass another out_dir (default bundles/<target>)")
+    # before any long step, and before anything is deleted: out_dir never overlaps an input,
+    # and only a bundle pcbedge made is replaced
+    inputs = {"export": export_dir, "calibration folder": calibration,
+              "calibration list": calibration_list}
+    check_output(out_dir, overwrite=overwrite, inputs=inputs)
     _check_supported(profile)
     pruning = pruning_for(profile, keep_ratio, source)
     cal_set = calibration_for(profile, calibration, calibration_list)
     say = _reporter(progress)
     say(f"building {profile.name} for {family.name} ({profile.runtime}, vision "
         f"{profile.precision.vision}, decoder {profile.precision.decoder}) from {export_dir}")
-    with staged_dir(out_dir, overwrite=overwrite) as stage:
+    # the bundle holds a copy of the export's files, then the quantized graphs
+    with staged_dir(out_dir, overwrite=overwrite, inputs=inputs,
+                    needed=tree_bytes(export_dir)) as stage:
         manifest = assemble(stage, export_dir, source, family, profile, pruning, cal_set, say)
-        write_manifest(stage, manifest, partial=True)   # revealed as manifest.json last
+        written = write_manifest(stage, manifest, partial=True)   # revealed as manifest.json last
+        if signer is not None:
+            from pcbedge.bundle.signing import write_signature
+            write_signature(stage, written.read_bytes(), signer)
+            say(f"signed with key {signer.key_id} ({signer.path})")
     say(f"bundle written to {out_dir}")
     return out_dir
+
+
+def signing_key_for(profile, sign_key):
+    """The loaded signing key, or None; TargetError when the profile requires a signature and
+    no key is given."""
+    if sign_key is None:
+        if profile.security.require_signature:
+            raise TargetError(f"target {profile.name} requires signed bundles ([security] "
+                              f"require_signature = true in {profile.source})",
+                              fix="pass --sign sign_key.pem (pcbedge keygen --out DIR makes a "
+                                  "key pair)")
+        return None
+    from pcbedge.bundle.signing import load_signing_key
+    return load_signing_key(sign_key)
 
 
 def read_export(export_dir: Path) -> dict:

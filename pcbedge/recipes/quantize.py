@@ -11,11 +11,13 @@ here loads data behind the caller's back.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from pcbedge.bundle.outputs import raise_write_failure
 from pcbedge.errors import CalibrationError, ExportError, TargetError
 from pcbedge.recipes.configs import (ALWAYS_FLOAT, DynamicInt8Config, Fp16Config,
                                      StaticInt8Config, WeightOnlyInt4Config)
@@ -38,7 +40,33 @@ def quantize_graph(src: str | Path, dst: str | Path, config,
     if isinstance(config, StaticInt8Config) and calibration is None:
         raise CalibrationError(f"static INT8 quantization of {Path(src).name} got no calibration "
                                "feeds", fix="pass calibration=<an iterable of feed dicts>")
-    return quantizer(Path(src), Path(dst), config, calibration)
+    dst = Path(dst)
+    try:
+        with temporaries_in(dst.parent):
+            return quantizer(Path(src), dst, config, calibration)
+    except Exception as e:
+        # a full disk or a read-only output is the disk's problem, not the recipe's: the
+        # quantizers re-type it (ExportError, "got no input"); the caller's writer maps the
+        # OSError to OutputError naming its output
+        raise_write_failure(e, within=(dst.parent,))
+        raise
+
+
+@contextlib.contextmanager
+def temporaries_in(folder: Path):
+    """Run the block with :mod:`tempfile`'s folder inside ``folder`` (the build's staging
+    folder): onnxruntime's quantizer makes its temporary folders (``ort.quant.*``,
+    ``pre.quant.*``) in the system temp folder, with no option to move them, and a killed build
+    leaked them there. Inside the staging folder they go with it: on failure, on SIGTERM, and
+    after SIGKILL at the next build's stale-staging cleanup."""
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix=".quant-", dir=folder) as tmp:
+        tempfile.tempdir = tmp
+        try:
+            yield Path(tmp)
+        finally:
+            tempfile.tempdir = saved
 
 
 class FeedReader:
@@ -77,7 +105,7 @@ def _quantize_qdq_static(src: Path, dst: Path, config: StaticInt8Config,
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[config.calibration_method]
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".quant-", dir=dst.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".pre-") as tmp:   # in temporaries_in's folder
         model_in = _preprocess(src, Path(tmp) / "pre.onnx") if config.preprocess else src
         model = onnx.load(str(model_in))
         exclude = sorted(set(config.nodes_to_exclude) | set(activation_matmuls(model))
@@ -99,6 +127,7 @@ def _quantize_qdq_static(src: Path, dst: Path, config: StaticInt8Config,
         except (CalibrationError, TargetError):
             raise
         except Exception as e:  # the quantizer raises ValueError, RuntimeError, ORT errors
+            raise_write_failure(e, within=(dst.parent,))   # a full disk is not "no input"
             if reader.count == 0:
                 raise CalibrationError(f"calibration of {src.name} got no input",
                                        fix="pass a calibration set with at least one board"
@@ -136,6 +165,7 @@ def _preprocess(src: Path, out: Path) -> Path:
         onnx.save(model, str(single))
         quant_pre_process(str(single), str(out), skip_symbolic_shape=True)
     except Exception as e:  # onnx / ORT raise many types here
+        raise_write_failure(e, within=(out.parent,))   # not a reason to skip pre-processing
         raise ExportError(f"quantization pre-processing of {src.name} failed: "
                           f"{type(e).__name__}: {e}",
                           fix="set preprocess=False in the StaticInt8Config") from e

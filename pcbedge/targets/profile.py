@@ -113,6 +113,15 @@ class BenchConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """``[security]``: ``require_signature`` makes ``pcbedge build`` refuse to build without
+    ``--sign`` and the bundle refuse to run where no trusted key is set (``--verify`` or
+    ``PCBEDGE_VERIFY_KEY``; pcbedge.bundle.signing)."""
+
+    require_signature: bool = False
+
+
+@dataclass(frozen=True)
 class TargetProfile:
     """One deployment target, as written in ``pcbedge/targets/<name>.toml``."""
 
@@ -131,6 +140,7 @@ class TargetProfile:
     gates: GateConfig
     spin_wait: str = DEFAULT_SPIN_WAIT
     bench: BenchConfig = BenchConfig()
+    security: SecurityConfig = SecurityConfig()
     source: str = ""  # the file it was loaded from, for messages and manifests
     # [family.<key>] tables: per model family, sections that replace fields of the base profile
     family_overrides: dict = field(default_factory=dict, compare=False)
@@ -267,8 +277,10 @@ SECTIONS: dict[str, tuple[type, dict]] = {
         "busy_machine": (_choice(*BUSY_MACHINE_ACTIONS), "flag"),
         "max_other_cpu_pct": (_number(0.0, 100.0), 20.0),
         "max_other_runnable_per_cpu": (_number(0.0), 0.25)}),
+    "security": (SecurityConfig, {
+        "require_signature": (_bool, False)}),
 }
-OPTIONAL_SECTIONS = ("tensorrt", "gates", "bench")
+OPTIONAL_SECTIONS = ("tensorrt", "gates", "bench", "security")
 # sections a [family.<key>] table may change (the hardware fields stay the target's)
 OVERRIDABLE = ("precision", "quantization", "pruning", "shapes", "gates")
 
