@@ -165,3 +165,22 @@ def test_tiny_model_fixture_is_deterministic():
     b, _ = tiny_qwen2_vl_model("qwen2_vl", seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
                                                  b.state_dict().values()))
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda m: m["answer"].update(image_token_id=m["vocab"]["logits"]), "answer.image_token_id"),
+    (lambda m: m["vision"].update(patch_size=0), "vision.patch_size"),
+    (lambda m: m["vision"].update(spatial_merge_size=3), "size_multiple"),
+    (lambda m: m["answer"].update(eos_token_ids=[]), "answer.eos_token_ids"),
+], ids=["image-token-past-vocab", "patch-size-0", "merge-off-stride", "no-eos"])
+def test_the_familys_own_manifest_fields_are_checked(qwen, tmp_path, edit, field):
+    """The qwen_vl schema role: a bad family field is a BundleError naming it, at open."""
+    import shutil
+
+    from pcbedge.errors import BundleError
+    bundle = shutil.copytree(qwen[2], tmp_path / "b")
+    m = json.loads((bundle / "manifest.json").read_text())
+    edit(m)
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=field.replace(".", r"\.").replace("[", r"\[")):
+        api.load_runner(bundle, threads=1)

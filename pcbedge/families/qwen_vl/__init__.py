@@ -5,8 +5,8 @@ Folder: ``export.py`` (graphs ``vision``, ``embed``, ``decoder`` with the tracin
 ``parity.py``, ``preprocess.py`` (numpy image patches, rotary tables, multimodal positions),
 ``prompt.py`` (the checkpoint's own chat template), ``runner.py`` / ``torch_runner.py`` (the
 runner protocol), ``answer.py`` (grounding-token or JSON replies -> the answer JSON),
-``recipe.py`` (calibration feeds of the vision tower and the decoder, drift). Torch-free at
-import.
+``recipe.py`` (calibration feeds of the vision tower and the decoder, drift), ``schema.py``
+(its own manifest fields). Torch-free at import.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ class QwenVlFamily(Family):
     graph_groups = {"vision": ("vision",), "decoder": ("decoder",)}
     template_optional = True
     modules = {role: f"pcbedge.families.qwen_vl.{role}"
-               for role in ("export", "parity", "runner", "torch_runner", "recipe")}
+               for role in ("export", "parity", "runner", "torch_runner", "recipe",
+                                 "schema")}
     model_class: ClassVar[str] = ""   # the transformers class of the checkpoint
 
 
