@@ -42,6 +42,8 @@ DEFAULT_ROOT = Path(os.environ.get("PCBEDGE_ARM64_ROOT",
 VENV = "/opt/pcbedge-venv"
 SUITE, MIRROR = "bookworm", "http://deb.debian.org/debian"
 READY = ".pcbedge-ready"
+BUSY = 75                   # exit code of a --no-wait run that found the root in use (EX_TEMPFAIL)
+NO_WAIT = {"on": False}     # --no-wait: give up instead of waiting for the root lock
 LOCK = ".pcbedge-lock"      # shared while a run uses the root, exclusive while prepare installs
 # bench options for a run that checks answers, not speed: one timed query, gates on accuracy
 NO_LATENCY = ["--queries", "1", "--min-seconds", "0", "--warmup", "0", "--p95-ms-max", "1e9"]
@@ -100,8 +102,12 @@ def root_lock(root: Path, *, exclusive: bool):
         try:
             fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"waiting for the arm64 root lock ({'install' if exclusive else 'run'})",
-                  flush=True)
+            what = "install the package" if exclusive else "run"
+            if NO_WAIT["on"]:
+                print(f"the arm64 root {root} is in use by another run; --no-wait: not waiting "
+                      f"to {what}", flush=True)
+                sys.exit(BUSY)
+            print(f"waiting for the arm64 root lock (to {what})", flush=True)
             fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         try:
             yield f
@@ -335,6 +341,8 @@ def main(argv=None) -> int:
     r.add_argument("--out", type=Path, default=Path("arm64-out"))
     r.add_argument("--box-tol", type=float, default=1.0)
     r.add_argument("--conf-tol", type=float, default=0.02)
+    r.add_argument("--no-wait", action="store_true",
+                   help=f"exit {BUSY} instead of waiting when another run holds the root")
     r.add_argument("--bias-boards", type=int, default=12,
                    help="boards (x 8 views) the residual INT8 score bias is measured on")
     args = ap.parse_args(argv)
@@ -344,6 +352,7 @@ def main(argv=None) -> int:
     if args.cmd == "prepare":
         prepare(args.root)
         return 0
+    NO_WAIT["on"] = args.no_wait
     return run(args)
 
 

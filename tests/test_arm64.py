@@ -41,9 +41,11 @@ def test_tiny_arm64_bundle_answers_as_on_x86(tmp_path, sample_data):
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "arm64_check.py"), "run",
                            "--root", str(root), "--bundle", str(bundle), "--reference",
                            str(export), "--data", str(sample_data), "--list", "bench.txt",
-                           "--boards", "2", "--out", str(out),
+                           "--boards", "2", "--out", str(out), "--no-wait",
                            # a random tiny model: its gates are not the point here
                            ], capture_output=True, text=True, timeout=900)
+    if proc.returncode == arm64_check.BUSY:
+        pytest.skip("the arm64 root is in use by another run (a long check): not waiting")
     result = json.loads((out / "arm64_check.json").read_text())
     assert result["answers"]["agree"], (result["answers"], proc.stdout[-2000:])
     assert result["environment_arm64"] is not None
