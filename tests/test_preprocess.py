@@ -95,7 +95,7 @@ def test_exif_rotated_pair_meta_uses_displayed_size(tmp_path):
     paths = [tmp_path / "t.jpg", tmp_path / "m.jpg"]
     for p in paths:
         Image.fromarray(_marked(96, 64)).save(p, exif=exif)
-    _, meta = load_pair(*paths)
+    _, meta = load_pair(*paths, input_size=128)   # a 64 px side is under 640 / 5
     assert (meta.orig_w, meta.orig_h) == (64, 96)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from pcbedge.data.deeppcb import DEFECT_TYPES, read_list
+from pcbedge.data.align import align_pair, find_damage
 from pcbedge.data.preprocess import read_gray
 from pcbedge.errors import CalibrationError, DatasetError, InputImageError
 
@@ -190,19 +191,32 @@ def _stratified(cands: list[CalibrationEntry], n: int, seed: int,
 
 
 def _check_decodes(e: CalibrationEntry) -> None:
-    shapes = []
+    """Both images decode strictly (a damaged or truncated file is refused, naming it), are of
+    one size, and show no sign of damaged JPEG data against each other
+    (:func:`pcbedge.data.align.find_damage`): a damaged board would move the INT8 scales."""
+    arrays = []
     for p in (e.test_path, e.template_path):
         try:
-            shapes.append(read_gray(p).shape)
+            arrays.append(read_gray(p))
         except InputImageError as err:
-            raise CalibrationError(f"calibration board {e.board_id}: {err}",
+            reason = str(err).split("\n  fix:")[0]      # the image's own fix is replaced below
+            raise CalibrationError(f"calibration board {e.board_id}: {reason}",
                                    fix=f"replace or remove {p} from the calibration folder"
                                    ) from None
+    shapes = [a.shape for a in arrays]
     if shapes[0] != shapes[1]:
         raise CalibrationError(
             f"calibration board {e.board_id}: test {e.test_path} is {shapes[0][1]}x{shapes[0][0]} "
             f"but template {e.template_path} is {shapes[1][1]}x{shapes[1][0]}",
             fix="pair each board with its aligned golden template of the same size")
+    test, template, quality = align_pair(*arrays)
+    damage = find_damage(test, template, (quality.shift_x, quality.shift_y))
+    if damage:
+        raise CalibrationError(
+            f"calibration board {e.board_id}: {e.test_path} or {e.template_path} looks damaged: "
+            f"{damage[0]}",
+            fix="replace both files with intact copies, or remove the board from the "
+                "calibration folder")
 
 
 def _rel(p: Path, root: Path) -> str:

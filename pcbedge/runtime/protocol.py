@@ -86,6 +86,23 @@ class Runner:
         prepared.preprocess_ms = ms_since(t0)
         ans = self.answer(self.encode(prepared), question, max_new_tokens=max_new_tokens,
                           pruning=pruning)
+        add_capture_warnings(ans, prepared.meta)
         ans["latency_ms"]["preprocess"] = prepared.preprocess_ms
         ans["latency_ms"]["total"] = ms_since(t0)
         return ans
+
+
+def capture_warnings(meta) -> tuple[str, ...]:
+    """What preprocessing found wrong with the images themselves (signs of damaged image data,
+    :func:`pcbedge.data.align.find_damage`), from a Prepared's meta; () when none or no meta."""
+    quality = getattr(meta, "quality", None)
+    return tuple(getattr(quality, "damage", ()) or ())
+
+
+def add_capture_warnings(ans: dict, meta) -> dict:
+    """Append each capture warning to the answer sentence ("Warning: ..."), once."""
+    for w in capture_warnings(meta):
+        line = f" Warning: {w}; the answer may be wrong."
+        if isinstance(ans.get("answer"), str) and line not in ans["answer"]:
+            ans["answer"] += line
+    return ans
