@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pcbedge.data import image_io
+from pcbedge.data import image_io, png_check
 from pcbedge.data.align import align_pair, find_damage
 from pcbedge.data.preprocess import (MAX_PIXELS, load_pair, min_board_side, prepare_pair,
                                      read_gray)
@@ -121,7 +121,7 @@ def adam7_png(gray: np.ndarray) -> bytes:
     """An interlaced 8-bit grey PNG (Pillow writes none)."""
     h, w = gray.shape
     raw = b""
-    for x0, y0, dx, dy in image_io._ADAM7:
+    for x0, y0, dx, dy in png_check._ADAM7:
         sub = gray[y0::dy, x0::dx]
         if sub.size:
             raw += b"".join(b"\0" + row.tobytes() for row in sub)

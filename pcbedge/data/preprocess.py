@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pcbedge.data import image_io
+from pcbedge.data import image_io, png_check
 from pcbedge.data.align import PairQuality, align_pair, find_damage
 from pcbedge.data.image_io import MAX_PIXELS  # refuse decompression bombs before decoding
 from pcbedge.errors import InputImageError
@@ -145,7 +145,7 @@ def decode_image(data: bytes, name: str = "<bytes>", convert=None):
             if pixels is not None and convert is _to_gray_u8 and not info.exif:
                 return pixels          # a grey JPEG, no EXIF: the strict decode's pixels
         elif kind == "png":
-            image_io.check_png(data)
+            png_check.check_png(data)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -15,8 +15,8 @@ import numpy as np
 
 from pcbedge.errors import TargetError
 
-# feature_norm: the norm of each visual token after the merger (Qwen-VL bundles, where no
-# model prior is exported); computed by the runner, not by a graph
+# feature_norm: the norm of each visual token (for bundles whose vision graph exports no
+# token score of its own); computed by the runner, not by a graph
 METHODS = ("none", "model_prior", "template_diff", "feature_norm")
 # which graph output scores the tokens for each method is the family's: its manifest's
 # ``token_scores`` map (method -> output name)
