@@ -142,7 +142,8 @@ def build(target, export_dir, calibration, calibration_list, out_dir, keep_ratio
     click.echo(f"bundle written to {out}")
 
 
-GATE_OPTIONS = ("p95_ms_max", "max_map_drop", "max_count_drop", "max_hallucination_rise", "min_map")
+GATE_OPTIONS = ("p95_ms_max", "max_map_drop", "max_count_drop", "max_hallucination_rise", "min_map",
+                "max_question_drop")
 # pcbedge.benchmarks.compare.REGRESSION_GATES, written out so --help stays light
 REGRESSION_OPTIONS = ("max_p50_regression_pct", "max_p95_regression_pct",
                       "max_question_accuracy_drop", "max_count_match_drop", "max_agreement_drop")
@@ -160,6 +161,8 @@ REGRESSION_OPTIONS = ("max_p50_regression_pct", "max_p95_regression_pct",
 @click.option("--max-map-drop", type=float, help="Gate override: mAP drop vs the reference.")
 @click.option("--max-count-drop", type=float, help="Gate override: count-accuracy drop.")
 @click.option("--max-hallucination-rise", type=float, help="Gate override: hallucination rise.")
+@click.option("--max-question-drop", type=float,
+              help="Gate override: largest accuracy drop of a question kind vs the reference.")
 @click.option("--min-map", type=float, help="Gate override: absolute mAP floor.")
 @click.option("--sweep", is_flag=True, help="Also sweep the pruning keep ratio.")
 @click.option("--robustness", is_flag=True, help="Also run the image-corruption checks.")

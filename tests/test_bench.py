@@ -22,7 +22,7 @@ from pcbedge.benchmarks import gates as gates_mod
 from pcbedge.benchmarks.harness import run_benchmark
 from pcbedge.benchmarks.workload import QUESTION_SPLIT, Query, Workload, load_workload
 from pcbedge.data.deeppcb import Board, Defect
-from pcbedge.data.qa import QA
+from pcbedge.data.qa import ALL_KINDS, QA
 from pcbedge.errors import BundleError, GateFailed, PcbEdgeError
 
 FAST = {"queries": 6, "min_seconds": 0.0, "warmup": 1, "max_boards": 3, "progress": False}
@@ -74,7 +74,7 @@ def test_report_schema_and_outputs(tiny_bundle, tmp_path):
     for k in ("p50", "p90", "p95", "p99", "max", "mean", "n", "p95_bound"):
         assert k in on_disk["latency_ms"]
     assert on_disk["latency_ms"]["n"] >= FAST["queries"]
-    assert set(on_disk["latency_ms_by_kind"]) <= {"describe", "where", "count", "exists"}
+    assert set(on_disk["latency_ms_by_kind"]) <= set(ALL_KINDS)
     assert {"vision", "prefill", "decode", "total"} <= set(on_disk["latency_ms_by_stage"])
     for k in ("cold_start_ms", "throughput_qps", "peak_rss_mb", "rss_growth_mb"):
         assert isinstance(on_disk[k], (int, float)), k
@@ -121,7 +121,8 @@ def test_bench_against_itself_has_no_drift(tiny_bundle, tmp_path):
     """The manifest's reference block and target gates are used when nothing is passed."""
     built = _built_copy(tiny_bundle, tmp_path / "built", reference=tiny_bundle,
                         gates={"p95_ms_max": 1e9, "min_map": 0.0, "max_map_drop": 0.0,
-                               "max_count_drop": 0.0, "max_hallucination_rise": 0.0})
+                               "max_count_drop": 0.0, "max_hallucination_rise": 0.0,
+                               "max_question_drop": 0.0})
     report = run_benchmark(built, out_dir=tmp_path / "out", **FAST)
     drift = report["drift"]
     assert drift["available"] is True and drift["answer_agreement"] == 1.0
@@ -242,10 +243,14 @@ class OracleRunner(Runner):
         return Encoded(prepared.inputs.tobytes(), prepared)
 
     def answer(self, enc, question, **kw):
+        from pcbedge.benchmarks.workload import board_size
+        from pcbedge.data.query import arrange, select
         board, qa = self.truth[(enc.outputs, question)]
-        defects = [{"type": d.type, "bbox": list(d.bbox), "confidence": 0.9, "region": k}
-                   for k, d in enumerate(board.defects) if qa.filter in (None, d.type)]
-        return {"answer": "oracle", "intent": qa.kind, "filter": qa.filter or "all",
+        program = qa.meaning()
+        every = [{"type": d.type, "bbox": list(d.bbox), "confidence": 0.9, "region": k}
+                 for k, d in enumerate(board.defects)]
+        defects = arrange(program, select(program, every, *board_size(board)))
+        return {"answer": "oracle", "intent": program.intent, "filter": qa.filter or "all",
                 "count": len(defects), "defects": defects, "complete": True}
 
     def ask(self, test_path, template_path, question, **kw):
@@ -266,6 +271,10 @@ def test_perfect_answers_score_perfectly(monkeypatch, tmp_path):
     for k in ("deeppcb_map", "deeppcb_f", "map_05", "count_exact_match", "where_accuracy",
               "count_accuracy", "exists_accuracy", "exists_f1", "intent_accuracy"):
         assert a[k] == pytest.approx(1.0), k
+    assert set(a["question_accuracy_by_kind"]) == set(ALL_KINDS) - {"describe", "unsupported"}
+    assert all(v == pytest.approx(1.0) for v in a["question_accuracy_by_kind"].values()), a
+    assert a["confidence_spread_max"] == 0.0
+    assert report["gates"]["max_question_drop"]["passed"] is True
     assert a["hallucination_rate"] == 0.0 and a["median_center_error_px"] == 0.0
     assert a["ece"] == pytest.approx(0.1)  # every defect right at confidence 0.9
     assert report["passed"] is True and report["drift"]["answer_agreement"] == 1.0

@@ -53,7 +53,7 @@ def test_bundle_layout_and_manifest(exported):
     assert m["source_model"]["sha256"] == sha256_file(model_dir / "model.safetensors")
     assert m["visual_tokens"] == (128 // 32) ** 2 and m["num_regions"] == 8
     assert m["max_question_tokens"] == m["max_text_len"] // 2
-    assert m["answer"]["parser"] == "pcbvlm-pointer-v2" == m["answer"]["grammar"]["kind"]
+    assert m["answer"]["parser"] == "pcbvlm-pointer-v3" == m["answer"]["grammar"]["kind"]
     assert m["precision"] == {"vision": "fp32", "decoder": "fp32"} and m["pruning"] is None
     assert m["runtime"]["engine"] == "onnxruntime" and m["runtime"]["threads"] is None
     assert {"torch", "onnx", "onnxruntime", "pcbedge"} <= set(m["tools"])

@@ -25,7 +25,8 @@ from PIL import Image
 from pcbedge.data.preprocess import MIN_SIDE, PairMeta, read_gray
 from pcbedge.runtime.protocol import Prepared
 from pcbedge.errors import InputImageError, QuestionError
-from pcbedge.families.pcbvlm.grammar import DEFECT_TYPES, INTENTS, DecodeState, build_answer
+from pcbedge.families.pcbvlm.grammar import DEFECT_TYPES, INTENTS, DecodeState, board_defects
+from pcbedge.families.pcbvlm.program import ProgramState
 from pcbedge.runtime import MAX_QUESTION_CHARS
 from pcbedge.testing import random_pair_input, tiny_bundle
 
@@ -95,14 +96,31 @@ def check_answer(ans: dict, runner, enc, max_new_tokens: int) -> None:
         assert 0.0 <= d["confidence"] <= 1.0 and d["type"] in DEFECT_TYPES
         assert scores[d["region"]] >= floor
     assert runner.tokenizer.encode(ans["raw"], add_special_tokens=False).ids == ans["token_ids"]
-    replay = DecodeState(runner.grammar, scores)
-    for tok in ans["token_ids"]:
-        assert replay.allowed()[tok], f"token {tok} breaks the grammar"
-        replay.advance(tok)
-    assert replay.done == ans["complete"]
-    assert [k for _, k, _ in replay.defects] == regions
+    replay_answer(runner.grammar, ans, regions)
     if ans["intent"] == "unsupported" and ans["complete"]:
-        assert ans["answer"].startswith("I can only report")
+        assert ans["answer"].startswith("I can only answer")
+
+
+def replay_answer(spec: dict, ans: dict, regions: list[int]) -> None:
+    """The trace is a program under the program grammar, then (region, type) pairs naming the
+    reported defects in order, then ``<eos>`` when complete."""
+    trace = list(ans["token_ids"])
+    prog = ProgramState(spec, n_numbers=8)
+    i = 0
+    while i < len(trace) and prog.phase not in ("end", "done"):
+        assert prog.allowed()[trace[i]], f"token {trace[i]} breaks the program grammar"
+        prog.advance(trace[i])
+        i += 1
+    rest = trace[i:]
+    if prog.done:                      # unsupported: the program is the whole answer
+        assert not rest and not regions
+        return
+    if ans["complete"]:
+        assert rest and rest[-1] == spec["eos"]
+        rest = rest[:-1]
+    pairs = [(rest[j], rest[j + 1]) for j in range(0, len(rest) - 1, 2)]
+    assert [r - spec["region_offset"] for r, _ in pairs] == regions
+    assert [spec["types"][d["type"]] for d in ans["defects"]] == [t for _, t in pairs]
 
 
 def test_any_question_gives_an_answer_or_a_question_error(runner, record_property):
@@ -184,9 +202,9 @@ def check_sequence(spec: dict, scores: np.ndarray, toks: list[int], state) -> No
     assert all(types[t] == filt or filt == "all" for t in body[1::2])
     assert all(0 <= k < len(scores) and scores[k] >= spec["min_region_score"] for k in regions)
     assert len(set(regions)) == len(regions), regions  # each proposal at most once
-    ans = build_answer(state, np.tile([0.0, 0.0, 8.0, 8.0], (len(scores), 1)), list)
-    assert ans["count"] == len(regions) and ans["complete"]
-    assert all(0.0 <= d["confidence"] <= 1.0 for d in ans["defects"])
+    defects = board_defects(state, np.tile([0.0, 0.0, 8.0, 8.0], (len(scores), 1)), list)
+    assert len(defects) == len(regions) and state.done
+    assert all(0.0 <= d["confidence"] <= 1.0 for d in defects)
 
 
 def test_random_logits_always_decode_to_a_well_formed_answer(record_property):
@@ -206,6 +224,36 @@ def test_random_logits_always_decode_to_a_well_formed_answer(record_property):
 
     fuzz()
     _report(record_property, "grammar", count["n"])
+
+
+def test_random_logits_always_decode_to_a_well_formed_program(record_property):
+    """The program grammar under random logits: it ends within its longest form, every scope
+    takes exactly its slots (only slots the question has), nearest only with a point."""
+    from pcbedge.data.query import POINT_SCOPES, SCOPES
+    count = {"n": 0}
+
+    @FUZZ
+    @given(n_numbers=st.integers(0, 8), seed=st.integers(0, 2**32 - 1),
+           scale=st.sampled_from([1e-6, 1.0, 30.0, 1e30]))
+    def fuzz(n_numbers, seed, scale):
+        spec = spec_for(4)
+        state = ProgramState(spec, n_numbers)
+        rng = np.random.default_rng(seed)
+        for _ in range(1 + 7 + 1 + 4 + 1 + 1):
+            if state.done:
+                break
+            state.step((rng.standard_normal(state.vocab_size()) * scale).astype(np.float32))
+        assert state.done
+        p = state.program([float(i) for i in range(n_numbers)])
+        if p.intent != "unsupported":
+            assert len(p.slots) == len(SCOPES[p.scope]) <= n_numbers
+            assert all(0 <= i < n_numbers for i in p.slots)
+            assert len(set(p.types)) == len(p.types)
+            assert p.order != "nearest" or p.scope in POINT_SCOPES
+        count["n"] += 1
+
+    fuzz()
+    _report(record_property, "program grammar", count["n"])
 
 
 @pytest.mark.parametrize("fill", [-np.inf, np.inf, np.nan])

@@ -166,13 +166,24 @@ def test_schema_version_too_old_or_new(export, tmp_path):
 
 # --- the family's own fields, when the bundle opens ---------------------------------------
 
+def _region_offset() -> int:
+    from pcbedge.data.qa import vocabulary_corpus
+    from pcbedge.families.pcbvlm.tokenizer import build_tokenizer
+    from pcbedge.testing import TINY_NUM_REGIONS
+    tok = build_tokenizer(vocabulary_corpus(), TINY_NUM_REGIONS)
+    return tok.get_vocab(with_added_tokens=True)["<r_0>"]
+
+
+OFF = _region_offset()   # the tiny model's first region pointer id
+
 @pytest.mark.parametrize("edit,fragment", [
     (_set("answer.grammar", {}), "'answer.grammar.kind' is missing"),
     (_set("answer.grammar.eos", "4"), "'answer.grammar.eos' = '4'"),
     (_set("answer.grammar.intents", {"where": 5}), "'answer.grammar.intents.count' is missing"),
     (_set("answer.grammar.num_regions", 7), "the manifest's num_regions"),
-    (_set("answer.grammar.eos", 384), "below region_offset (380)"),
-    (_set("answer.grammar.region_offset", 370), "'answer.grammar.region_offset' = 370"),
+    (_set("answer.grammar.eos", OFF + 4), f"below region_offset ({OFF})"),
+    (_set("answer.grammar.region_offset", OFF - 10),
+     f"'answer.grammar.region_offset' = {OFF - 10}"),
     (_set("answer.grammar.min_region_score", 2), "'answer.grammar.min_region_score' = 2"),
     (_set("max_text_len", 49), "at least 51"),
 ], ids=["empty", "eos-str", "intents-partial", "regions", "eos-in-regions", "offset", "score",

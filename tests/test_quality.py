@@ -75,12 +75,18 @@ def _state(calibration):
 
 
 def test_answer_reports_quality_and_warns():
-    from pcbedge.families.pcbvlm.grammar import build_answer
+    from pcbedge.data.query import Program
+    from pcbedge.families.pcbvlm.grammar import board_defects, build_answer
     boxes = np.array([[10, 10, 20, 20], [0, 0, 5, 5], [30, 30, 40, 44], [1, 1, 2, 2]], np.float32)
-    st = _state({"a": 1.0, "b": 0.0, "quality": BLOCK})
-    plain = build_answer(st, boxes, list)
-    good = build_answer(st, boxes, list, quality={"residual": 0.01, "shift_x": 0})
-    bad = build_answer(st, boxes, list, quality={"residual": 0.4, "shift_x": 0})
+    cal = {"a": 1.0, "b": 0.0, "quality": BLOCK}
+    st = _state(cal)
+
+    def answer(quality=None):
+        return build_answer(Program("describe"), board_defects(st, boxes, list, quality),
+                            quality=quality, calibration=cal)
+    plain = answer()
+    good = answer({"residual": 0.01, "shift_x": 0})
+    bad = answer({"residual": 0.4, "shift_x": 0})
     assert "image_quality" not in plain
     assert good["image_quality"]["confidence_penalty"] == 0.0 and "Warning" not in good["answer"]
     assert [d["confidence"] for d in good["defects"]] == [d["confidence"] for d in plain["defects"]]

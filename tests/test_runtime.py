@@ -22,8 +22,9 @@ from pcbedge.testing import random_pair_input, tiny_bundle, write_pair_images
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
-ANSWER_KEYS = {"answer", "intent", "filter", "count", "defects", "complete", "raw", "token_ids",
-               "latency_ms", "info", "image_quality"}   # image_quality: asked from image files
+ANSWER_KEYS = {"answer", "intent", "filter", "types", "scope", "scope_args", "order", "count",
+               "defects", "complete", "raw", "token_ids", "latency_ms", "info",
+               "image_quality"}   # image_quality: asked from image files
 LATENCY_KEYS = {"preprocess", "vision", "prefill", "decode", "total"}
 
 

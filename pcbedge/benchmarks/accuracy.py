@@ -12,15 +12,19 @@ import math
 import numpy as np
 
 from pcbedge.benchmarks import metrics
-from pcbedge.benchmarks.workload import Workload, answer_boards, board_ground_truth
+from pcbedge.benchmarks.workload import (Workload, answer_boards, board_ground_truth,
+                                         board_size)
 from pcbedge.data.degrade import DEGRADATIONS
+from pcbedge.data.qa_kinds import NEW_KINDS
+from pcbedge.data.query import arrange, select
 
 # Figures whose bench-minus-reference delta is reported (scalars; per-type dicts per type).
+KINDS = ("where", "count", "exists") + NEW_KINDS
 DELTA_KEYS = ("deeppcb_map", "deeppcb_f", "deeppcb_precision", "deeppcb_recall", "map_05",
               "count_exact_match", "hallucination_rate", "hallucinations_per_board",
               "median_center_error_px", "ece",
               "mean_confidence", "where_accuracy", "count_accuracy", "exists_accuracy",
-              "exists_f1", "intent_accuracy")
+              "exists_f1", "intent_accuracy") + tuple(f"{k}_accuracy" for k in NEW_KINDS)
 BOX_TOL_PX = 1.0
 
 
@@ -59,7 +63,10 @@ def question_records(workload: Workload, answers: list[list[dict]]) -> list[dict
             n_pred = int(ans.get("count", len(ans.get("defects", []))))
             rec = {"board": board.id, "kind": kind, "filter": t, "question": q.qa.question,
                    "intent_ok": ans.get("intent") == kind}
-            if kind != "describe":
+            if kind in NEW_KINDS:
+                rec.update(_program_record(q.qa.meaning(), gt, ans, board))
+                rec["intent_ok"] = ans.get("intent") == q.qa.meaning().intent
+            elif kind != "describe":
                 gt_t = [g for g in gt if g["type"] == t]
                 if kind == "where":
                     reported = [_defect(d) for d in ans.get("defects", []) if d.get("type") == t]
@@ -72,6 +79,56 @@ def question_records(workload: Workload, answers: list[list[dict]]) -> list[dict
                                correct=bool(gt_t) == (n_pred > 0))
             recs.append(rec)
     return recs
+
+
+def _same_set(truth: list[dict], reported: list[dict]) -> bool:
+    """Same number, and a one-to-one match of type and box (IoU > 0.33)."""
+    if len(truth) != len(reported):
+        return False
+    if not truth:
+        return True
+    types = sorted({g["type"] for g in truth})
+    got = metrics.deeppcb_ap([truth], [reported], metrics.DEEPPCB_IOU, types=types)
+    return got["tp"] == len(truth) and all(d["type"] in types for d in reported)
+
+
+def _program_record(program, gt: list[dict], ans: dict, board) -> dict:
+    """A new-kind question scored by its meaning: the right answer is the annotations the
+    program admits (types, scope), in its order. Totals and counts: the exact number; verdicts
+    and is-there: pass/fail, yes/no; nearest / largest / smallest: the first defect listed is
+    the right one; listings: the exact set."""
+    w, h = board_size(board)
+    truth = arrange(program, select(program, gt, w, h))
+    reported = [_defect(d) for d in ans.get("defects", [])]
+    n_pred = int(ans.get("count", len(reported)))
+    if program.intent == "count":
+        return {"truth": len(truth), "pred": n_pred, "correct": n_pred == len(truth)}
+    if program.intent in ("exists", "verdict"):
+        return {"truth": bool(truth), "pred": n_pred > 0, "correct": bool(truth) == (n_pred > 0)}
+    if program.order != "reading":
+        if not truth or not reported:
+            return {"truth": len(truth), "pred": len(reported),
+                    "correct": not truth and not reported}
+        ok = _same_set(truth[:1], reported[:1])
+        return {"truth": truth[0]["type"], "pred": reported[0]["type"], "correct": ok}
+    return {"truth": len(truth), "pred": len(reported), "correct": _same_set(truth, reported)}
+
+
+def confidence_spread(answers: list[list[dict]]) -> float | None:
+    """The largest difference between two confidences one board's answers give the same defect
+    (same type, same box to 0.1 px) across its questions; None when no defect repeats."""
+    worst = None
+    for board in answers:
+        seen: dict[tuple, list[float]] = {}
+        for ans in board:
+            for d in ans.get("defects", []):
+                key = (d.get("type"), tuple(round(float(v), 1) for v in d.get("bbox", ())))
+                seen.setdefault(key, []).append(float(d.get("confidence", 0.0)))
+        for confs in seen.values():
+            if len(confs) > 1:
+                spread = max(confs) - min(confs)
+                worst = spread if worst is None else max(worst, spread)
+    return worst
 
 
 def _share(flags: list[bool]) -> float | None:
@@ -108,16 +165,19 @@ def score_accuracy(workload: Workload, answers: list[list[dict]]) -> dict:
     acc = {"n_boards": len(workload.boards), "n_questions": len(workload.queries)}
     acc.update(score_detections(gts, describe_predictions(workload, answers)))
     recs = question_records(workload, answers)
-    by_kind = {k: [r for r in recs if r["kind"] == k] for k in ("where", "count", "exists")}
+    by_kind = {k: [r for r in recs if r["kind"] == k] for k in KINDS}
     for k, rs in by_kind.items():
         acc[f"{k}_accuracy"] = _share([r["correct"] for r in rs])
         acc[f"n_{k}_questions"] = len(rs)
+    acc["question_accuracy_by_kind"] = {k: acc[f"{k}_accuracy"] for k in KINDS
+                                        if acc[f"{k}_accuracy"] is not None}
+    acc["confidence_spread_max"] = confidence_spread(answers)
     ex = metrics.existence_f1([{"truth": r["truth"], "pred": r["pred"]} for r in by_kind["exists"]])
     acc["exists_f1"] = ex["f1"]
     acc["intent_accuracy"] = _share([r["intent_ok"] for r in recs])
     acc["intent_accuracy_by_kind"] = {
         k: _share([r["intent_ok"] for r in recs if r["kind"] == k])
-        for k in ("describe", "where", "count", "exists")}
+        for k in ("describe",) + KINDS}
     return acc
 
 
@@ -149,7 +209,7 @@ def drift_block(answers: list[list[dict]], ref_answers: list[list[dict]], acc: d
     """Answer agreement with the reference run and the delta (bench - reference) of each figure."""
     pairs = [(a, r) for ab, rb in zip(answers, ref_answers) for a, r in zip(ab, rb)]
     agree = [_same_defects(a.get("defects", []), r.get("defects", [])) for a, r in pairs]
-    keys = DELTA_KEYS + ("per_type_ap_033", "per_type_ap_05")
+    keys = DELTA_KEYS + ("per_type_ap_033", "per_type_ap_05", "question_accuracy_by_kind")
     return {
         "available": True,
         "answer_agreement": _share(agree),

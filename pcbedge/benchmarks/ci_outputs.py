@@ -19,13 +19,17 @@ import math
 import socket
 import xml.etree.ElementTree as ET
 
+from pcbedge.data.qa_kinds import NEW_KINDS
+
 SUITE = "pcbedge.bench"
 FIGURES = (("latency_ms", "p50"), ("latency_ms", "p95"), ("latency_ms", "p99"))
 SHARES = ("deeppcb_map", "count_exact_match", "where_accuracy", "count_accuracy",
-          "exists_accuracy", "intent_accuracy", "hallucination_rate")
+          "exists_accuracy", "intent_accuracy", "hallucination_rate") + tuple(
+              f"{k}_accuracy" for k in NEW_KINDS)
 SHARE_N = {"count_exact_match": "n_boards", "where_accuracy": "n_where_questions",
            "count_accuracy": "n_count_questions", "exists_accuracy": "n_exists_questions",
-           "intent_accuracy": "n_questions", "hallucination_rate": "n_predicted"}
+           "intent_accuracy": "n_questions", "hallucination_rate": "n_predicted",
+           **{f"{k}_accuracy": f"n_{k}_questions" for k in NEW_KINDS}}
 
 
 def _f(v, nd: int = 4) -> str:

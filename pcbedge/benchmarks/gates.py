@@ -32,10 +32,13 @@ GATE_SPECS: dict[str, GateSpec] = {g.name: g for g in (
              "because fewer true defects were reported is a recall loss, gated by "
              "max_map_drop)"),
     GateSpec("min_map", ">=", False, "bundle deeppcb_map (absolute floor)"),
+    GateSpec("max_question_drop", "<=", True,
+             "largest drop, over the question kinds, of reference accuracy - bundle accuracy "
+             "(question_accuracy_by_kind)"),
 )}
 GATE_NAMES = tuple(GATE_SPECS)
 DEFAULT_GATES = {"p95_ms_max": 2000.0, "max_map_drop": 0.01, "max_count_drop": 0.01,
-                 "max_hallucination_rise": 0.0, "min_map": 0.9}
+                 "max_hallucination_rise": 0.0, "min_map": 0.9, "max_question_drop": 0.02}
 
 
 def _check_limit(name: str, value, where: str) -> float:
@@ -83,7 +86,12 @@ def _values(report: dict) -> dict:
         return float(a) - float(b) if isinstance(a, (int, float)) and \
             isinstance(b, (int, float)) else None
 
+    kinds, ref_kinds = acc.get("question_accuracy_by_kind") or {}, \
+        ref.get("question_accuracy_by_kind") or {}
+    drops = [diff(ref_kinds.get(k), v) for k, v in kinds.items()]
+    drops = [d for d in drops if d is not None]
     return {
+        "max_question_drop": max(drops) if drops else None,
         "p95_ms_max": (report.get("latency_ms") or {}).get("p95"),
         "min_map": acc.get("deeppcb_map"),
         "max_map_drop": diff(ref.get("deeppcb_map"), acc.get("deeppcb_map")),

@@ -198,6 +198,9 @@ def print_summary(report: dict, out: Path) -> None:
     echo("accuracy   " + "  ".join(f"{k} {_f(a.get(k))}" for k in (
         "deeppcb_map", "deeppcb_f", "map_05", "count_exact_match", "hallucination_rate",
         "count_accuracy", "intent_accuracy")))
+    kinds = a.get("question_accuracy_by_kind") or {}
+    if kinds:
+        echo("questions  " + "  ".join(f"{k} {_f(v)}" for k, v in kinds.items()))
     d = report["drift"]
     echo("drift      " + (f"answer agreement {_f(d['answer_agreement'])}, mAP delta "
                           f"{_f(d['delta']['deeppcb_map'])}" if d.get("available")

@@ -75,7 +75,9 @@ def run_html(report: dict) -> str:
 
 DRIFT_ROWS = ("deeppcb_map", "map_05", "deeppcb_f", "count_exact_match", "hallucination_rate",
               "hallucinations_per_board", "where_accuracy", "count_accuracy", "exists_accuracy",
-              "intent_accuracy", "ece")
+              "intent_accuracy", "total_accuracy", "verdict_accuracy", "region_accuracy",
+              "nearest_accuracy", "two_types_accuracy", "extreme_accuracy", "typos_accuracy",
+              "ece")
 
 
 def drift_html(report: dict) -> str:

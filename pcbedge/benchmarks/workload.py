@@ -67,15 +67,25 @@ def board_ground_truth(board: Board) -> list[dict]:
 DETECTION_QUESTION = "Describe all defects."
 
 
+def board_size(board: Board) -> tuple[int, int]:
+    """The board image's (width, height) in pixels, read from the file header."""
+    from PIL import Image
+    with Image.open(board.test_path) as im:
+        return im.size
+
+
 def board_questions(board: Board, seed: int = QUESTION_SEED) -> list[QA]:
-    """describe-all, then where / count / exists for one present and one absent type.
+    """describe-all, where / count / exists for one present and one absent type, then one
+    well-posed question of each new kind (total, verdict, region, nearest, two types,
+    largest / smallest, typos; :mod:`pcbedge.data.qa_kinds`).
 
     The detection figures (DeepPCB AP, count match, hallucinations) come from the canonical
     ``DETECTION_QUESTION``, so they measure what the model sees, not how it reads a paraphrase;
     the typed questions use the held-out phrasings, so their accuracy measures that."""
     board_seed = zlib.crc32(f"{seed}:{board.group}/{board.id}".encode())
     gen = QuestionGenerator(seed=board_seed, split=QUESTION_SPLIT)
-    qs = gen.for_board_eval({d.type for d in board.defects})
+    qs = gen.for_board_eval_all({d.type for d in board.defects}, board_ground_truth(board),
+                                board_size(board))
     return [QA(DETECTION_QUESTION, "describe", None) if q.kind == "describe" else q for q in qs]
 
 

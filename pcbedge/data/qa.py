@@ -10,8 +10,11 @@ import random
 from dataclasses import dataclass
 
 from pcbedge.data.deeppcb import DEFECT_TYPES
+from pcbedge.data.qa_kinds import NEW_KINDS, NewKinds, add_noise, new_kinds_corpus, plural
+from pcbedge.data.query import Program
 
 KINDS = ("where", "count", "exists", "describe", "unsupported")
+ALL_KINDS = KINDS + NEW_KINDS
 
 # synonyms[type] = (train, heldout); plurals are made by the templates' {s} forms below.
 # The held-out phrases are new *combinations* of words the training phrasings use elsewhere
@@ -129,31 +132,26 @@ SUFFIXES = ("please", "thanks", "in this image", "on this board", "for me", "now
 @dataclass(frozen=True)
 class QA:
     question: str
-    kind: str                 # one of KINDS
-    filter: str | None        # a defect type, or None for all / unsupported
+    kind: str                 # one of ALL_KINDS (what is measured)
+    filter: str | None        # a defect type, or None for all / several / unsupported
+    program: Program | None = None   # the meaning; None: derived from kind and filter
 
-
-def plural(phrase: str) -> str:
-    if phrase.isupper():
-        return plural(phrase.lower()).upper()
-    if phrase.endswith(("s", "x", "ch", "sh")):
-        return phrase + "es" if not phrase.endswith("s") else phrase
-    if phrase.endswith("y") and not phrase.endswith(("ay", "ey", "oy")):
-        return phrase[:-1] + "ies"
-    # pluralise the head noun of "hole in the copper"
-    for head in (" in the ",):
-        if head in phrase:
-            a, b = phrase.split(head, 1)
-            return plural(a) + head + b
-    return phrase + "s"
+    def meaning(self) -> Program:
+        """The program a right answer follows."""
+        if self.program is not None:
+            return self.program
+        intent = self.kind if self.kind in ("where", "count", "exists", "describe") \
+            else "unsupported"
+        return Program(intent, (self.filter,) if self.filter else ())
 
 
 def render(template: str, phrase: str) -> str:
     return template.format(x=phrase, xs=plural(phrase))
 
 
-class QuestionGenerator:
-    """Samples (question, kind, filter) for a board. ``split`` is 'train' or 'heldout'."""
+class QuestionGenerator(NewKinds):
+    """Samples (question, kind, filter, program) for a board. ``split`` is 'train' or
+    'heldout'."""
 
     def __init__(self, seed: int = 0, split: str = "train", fillers: bool = False):
         if split not in ("train", "heldout"):
@@ -179,6 +177,10 @@ class QuestionGenerator:
             if self.rng.random() < 0.15:
                 tpl = tpl.rstrip(".?") + " " + self.rng.choice(SUFFIXES) + "?"
         return tpl
+
+    def _qa(self, question: str, kind: str, program: Program) -> QA:
+        return QA(question, kind, program.types[0] if len(program.types) == 1 else None,
+                  program)
 
     def typed(self, kind: str, t: str) -> QA:
         return QA(render(self._template(kind), self._phrase(t)), kind, t)
@@ -209,6 +211,43 @@ class QuestionGenerator:
             t = self.rng.choice(absent)
         return self.typed(kind, t)
 
+    def sample_program(self, present: set[str], p_noise: float = 0.25) -> QA:
+        """One question of any kind (old or new), for training the program pass; with
+        probability ``p_noise`` under character-level noise."""
+        r = self.rng.random()
+        if r < 0.4:
+            qa = self.sample(present, p_describe=0.25, p_unsupported=0.12)
+        else:
+            qa = self.new_kind(self.rng.choice(NEW_KINDS[:-1]), present)
+        if self.rng.random() < p_noise:
+            qa = QA(add_noise(qa.question, self.rng, self.rng.choice((1, 2))), qa.kind,
+                    qa.filter, qa.meaning())
+        return qa
+
+    def typo(self, present: set[str], defects=(), size=(640, 640)) -> QA:
+        """A question of a random kind under character-level noise (the ``typos`` kind)."""
+        kind = self.rng.choice(("where", "count", "exists") + NEW_KINDS[:-1])
+        if kind in NEW_KINDS:
+            qa = self.well_posed(kind, present, list(defects), size) if defects else \
+                self.new_kind(kind, present)
+        else:
+            ts = sorted(present) or list(DEFECT_TYPES)
+            qa = self.typed(kind, self.rng.choice(ts))
+        return QA(add_noise(qa.question, self.rng, self.rng.choice((1, 2))), "typos",
+                  qa.filter, qa.meaning())
+
+    def for_board_eval_all(self, present: set[str], defects: list[dict],
+                           size=(640, 640)) -> list[QA]:
+        """:meth:`for_board_eval`, then one well-posed question of each new kind (boxes in
+        ``defects`` place the points and regions)."""
+        qs = self.for_board_eval(present)
+        for kind in NEW_KINDS:
+            if kind == "typos":
+                qs.append(self.typo(present, defects, size))
+            else:
+                qs.append(self.well_posed(kind, present, defects, size))
+        return qs
+
     def for_board_eval(self, present: set[str]) -> list[QA]:
         """A fixed evaluation set per board: describe-all, and where/count/exists for one present
         type and one absent type (negatives)."""
@@ -234,4 +273,4 @@ def vocabulary_corpus() -> list[str]:
             for ph in UNSUPPORTED_TYPES:
                 lines.append(render(tpl, ph))
     lines += list(OFF_TOPIC) + list(PREFIXES) + list(SUFFIXES)
-    return lines
+    return lines + new_kinds_corpus()

@@ -42,6 +42,8 @@ class Encoded:
     outputs: Any
     prepared: Prepared
     vision_ms: float = 0.0
+    # what a family computes once per board and reuses for every question about it
+    cache: dict = field(default_factory=dict)
 
     @property
     def meta(self):

@@ -101,6 +101,7 @@ class GateConfig:
     max_count_drop: float
     max_hallucination_rise: float
     min_map: float
+    max_question_drop: float = 0.02
 
 
 @dataclass(frozen=True)
@@ -272,7 +273,8 @@ SECTIONS: dict[str, tuple[type, dict]] = {
         "max_map_drop": (_number(0.0, 1.0), 0.01),
         "max_count_drop": (_number(0.0, 1.0), 0.01),
         "max_hallucination_rise": (_number(0.0, 1.0), 0.0),
-        "min_map": (_number(0.0, 1.0), 0.90)}),
+        "min_map": (_number(0.0, 1.0), 0.90),
+        "max_question_drop": (_number(0.0, 1.0), 0.02)}),
     "bench": (BenchConfig, {
         "busy_machine": (_choice(*BUSY_MACHINE_ACTIONS), "flag"),
         "max_other_cpu_pct": (_number(0.0, 100.0), 20.0),

@@ -49,7 +49,7 @@ case("ask-bundle-arch-deleted", "BundleError", field(
 case("ask-bundle-target-deleted", "BundleError", field(
     lambda m: m.pop("target"), ("'target' is missing", "built for a target"), src="built"))
 case("ask-bundle-grammar-empty", "BundleError", field(
-    _set("answer.grammar", {}), ("'answer.grammar.kind' is missing", "pcbvlm-pointer-v2")))
+    _set("answer.grammar", {}), ("'answer.grammar.kind' is missing", "pcbvlm-pointer-v3")))
 case("ask-bundle-threads-huge", "BundleError", field(
     _set("runtime.threads", 100000), ("'runtime.threads' = 100000", "from 1 to 256"),
     src="built"))

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 SAMPLE_JPG = REPO / "pcbedge/data/sample/group00041/00041/00041000_test.jpg"
 DOC = REPO / "docs" / "bad-inputs.md"
 EXIT_CODES = {e.__name__: e.exit_code for e in ALL_ERRORS} | {"UsageError": 2, "(none)": 0}
-INTENTS = ("where", "count", "exists", "describe", "unsupported")
+INTENTS = ("where", "count", "exists", "describe", "verdict", "unsupported")
 Q = "where are the shorts?"
 
 

@@ -1,5 +1,10 @@
 """The answer language of the reference PCB VLM, its constrained decoding state and rendering.
 
+An answer is two passes (program.py): the question's *program* (intent, types, scope, order),
+and the *board pass* below, decoded under a fixed question, which reports every defect of the
+board; the answer then points at the board-pass regions the program admits, in its order.
+The board pass's grammar:
+
 Pure numpy and torch-free: the ONNX runner uses it on device. The token ids come from the
 manifest's ``grammar`` block (see :func:`grammar_spec`), so the runner never guesses them.
 
@@ -41,19 +46,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pcbedge.data.query import MAX_SLOTS, ORDERS, SCOPES, Program
+from pcbedge.families.pcbvlm.program import allowed_logits, program_spec
 from pcbedge.geometry import iou_matrix
 
 DEFECT_TYPES = ("open", "short", "mousebite", "spur", "spurious_copper", "pin_hole")
-INTENTS = ("where", "count", "exists", "describe", "unsupported")
+INTENTS = ("where", "count", "exists", "describe", "verdict", "unsupported")
 SPECIAL_TOKENS = (["[PAD]", "[UNK]", "<bos>", "<sep>", "<eos>"]
                   + [f"<q_{k}>" for k in INTENTS]
                   + ["<f_all>"] + [f"<f_{t}>" for t in DEFECT_TYPES]
-                  + [f"<t_{t}>" for t in DEFECT_TYPES])
-DISPLAY = {"open": "open", "short": "short", "mousebite": "mousebite", "spur": "spur",
-           "spurious_copper": "spurious copper", "pin_hole": "pin-hole"}
+                  + [f"<t_{t}>" for t in DEFECT_TYPES]
+                  + ["<prog>"] + [f"<s_{s}>" for s in SCOPES] + [f"<o_{o}>" for o in ORDERS]
+                  + [f"<n_{i}>" for i in range(MAX_SLOTS)])
 
 
 REGION_CONFIDENCE = ("softmax", "margin")
+# the board pass's fixed question (a training phrasing of "describe"): see program.py
+CANONICAL_QUESTION = "list every defect."
 
 
 def grammar_spec(vocab: dict[str, int], num_regions: int, min_region_score: float,
@@ -62,7 +71,9 @@ def grammar_spec(vocab: dict[str, int], num_regions: int, min_region_score: floa
                  region_confidence: str = "softmax") -> dict:
     """The JSON block a manifest carries so any runner can decode this answer language."""
     return {
-        "kind": "pcbvlm-pointer-v2",
+        "kind": "pcbvlm-pointer-v3",
+        "canonical_question": CANONICAL_QUESTION,
+        "program": program_spec(vocab),
         "bos": vocab["<bos>"], "sep": vocab["<sep>"], "eos": vocab["<eos>"], "pad": vocab["[PAD]"],
         "intents": {k: vocab[f"<q_{k}>"] for k in INTENTS},
         "filters": {"all": vocab["<f_all>"], **{t: vocab[f"<f_{t}>"] for t in DEFECT_TYPES}},
@@ -118,10 +129,7 @@ class DecodeState:
     def step(self, logits: np.ndarray) -> int:
         """Pick the best allowed token from ``logits`` [V+K], advance, return the token id."""
         ids = np.flatnonzero(self.allowed())
-        # only allowed ids compete, and non-finite logits are clamped, so a degenerate graph
-        # output (all -inf, NaN, +inf) still yields a well-formed answer with finite confidence
-        z = np.nan_to_num(np.asarray(logits, dtype=np.float64)[ids], nan=-1e30,
-                          posinf=1e30, neginf=-1e30)
+        z = allowed_logits(logits, ids)
         if self.phase == "region":
             z = z + self._region_prior(ids)
         j = int(np.argmax(z))
@@ -241,28 +249,36 @@ def calibrate(logp: float, calibration: dict, penalty: float = 0.0) -> float:
     return 1.0 / (1.0 + math.exp(-(a * z + b - penalty)))
 
 
-def build_answer(state: DecodeState, boxes: np.ndarray, to_original, question: str = "",
-                 quality: dict | None = None) -> dict:
-    """Render the decoded structure as the answer JSON (boxes mapped to original pixels).
-    ``quality`` (PairQuality as a dict) lowers the confidences of a poor capture."""
+def board_defects(state: DecodeState, boxes: np.ndarray, to_original,
+                  quality: dict | None = None) -> list[dict]:
+    """The board pass's defects as dicts in original pixels, confidences calibrated (and
+    lowered for a poor capture by ``quality``, PairQuality as a dict)."""
     cal = state.spec.get("calibration", {})
     penalty = quality_penalty(quality, cal)
-    defects = []
+    out = []
     for t, k, logp in state.defects:
         x1, y1, x2, y2 = (round(float(v), 1) for v in to_original(boxes[k]))
-        defects.append({"type": t, "bbox": [x1, y1, x2, y2],
-                        "center": [round((x1 + x2) / 2, 1), round((y1 + y2) / 2, 1)],
-                        "confidence": round(calibrate(logp, cal, penalty), 4),
-                        "region": int(k)})
-    intent = state.intent or "unsupported"
-    if not state.done:
-        intent_note = " (answer cut at the token limit)"
-    else:
-        intent_note = ""
-    ans = {"answer": render_sentence(intent, state.filter, defects) + intent_note,
-           "intent": intent, "filter": state.filter, "count": len(defects),
-           "defects": defects, "complete": state.done}
+        out.append({"type": t, "bbox": [x1, y1, x2, y2],
+                    "center": [round((x1 + x2) / 2, 1), round((y1 + y2) / 2, 1)],
+                    "confidence": round(calibrate(logp, cal, penalty), 4), "region": int(k)})
+    return out
+
+
+def build_answer(program: Program, defects: list[dict], *, complete: bool = True,
+                 quality: dict | None = None, calibration: dict | None = None) -> dict:
+    """The answer JSON: ``defects`` are the regions the program admitted, in its order."""
+    ans = {"answer": render_sentence(program, defects)
+           + ("" if complete else " (answer cut at the token limit)"),
+           "intent": program.intent,
+           "filter": program.types[0] if len(program.types) == 1 else (
+               "all" if not program.types else "several"),
+           "types": list(program.types) or list(DEFECT_TYPES),
+           "scope": program.scope, "scope_args": program.args(), "order": program.order,
+           "count": len(defects), "defects": defects, "complete": complete}
+    if program.intent == "verdict":
+        ans["verdict"] = "fail" if defects else "pass"
     if quality is not None:
+        penalty = quality_penalty(quality, calibration or {})
         ans["image_quality"] = dict(quality, confidence_penalty=round(penalty, 4))
         if penalty > 0.5:
             ans["answer"] += (f" Warning: the board and its template still differ on "
@@ -271,30 +287,44 @@ def build_answer(state: DecodeState, boxes: np.ndarray, to_original, question: s
     return ans
 
 
-def _name(t: str | None, n: int) -> str:
-    if t in (None, "all"):
-        return "defect" if n == 1 else "defects"
-    base = DISPLAY[t]
-    return base if n == 1 else ("spurious copper areas" if t == "spurious_copper" else base + "s")
+def _what(types: tuple, n: int) -> str:
+    noun = "defect" if n == 1 else "defects"
+    if not types:
+        return noun
+    if len(types) == 1:
+        return f"{noun} of type {types[0]}"
+    return f"{noun} of types {', '.join(types[:-1])} and {types[-1]}"
 
 
-def _where(defects: list) -> str:
-    return "; ".join(f"{DISPLAY[d['type']]} at ({d['bbox'][0]:.0f}, {d['bbox'][1]:.0f})-"
-                     f"({d['bbox'][2]:.0f}, {d['bbox'][3]:.0f}), confidence {d['confidence']:.2f}"
-                     for d in defects)
+def _one(d: dict) -> str:
+    b = d["bbox"]
+    return (f"{d['type']} at ({b[0]:.0f}, {b[1]:.0f})-({b[2]:.0f}, {b[3]:.0f}), "
+            f"confidence {d['confidence']:.2f}")
 
 
-def render_sentence(intent: str, filt: str | None, defects: list) -> str:
-    n = len(defects)
-    if intent == "unsupported":
-        return ("I can only report these defect types: "
-                + ", ".join(DISPLAY[t] for t in DEFECT_TYPES) + ".")
-    what = _name(filt, n)
+def render_sentence(program: Program, defects: list) -> str:
+    """One sentence per answer; defect types spelled exactly as in the JSON."""
+    if program.intent == "unsupported":
+        return ("I can only answer about these defect types: " + ", ".join(DEFECT_TYPES)
+                + " (where, how many, is there, list, pass or fail, in a region, nearest to a "
+                  "point, largest or smallest).")
+    n, where = len(defects), program.scope_text()
+    what = _what(program.types, n)
+    listing = "; ".join(_one(d) for d in defects)
+    lead = ""
+    if n and program.order != "reading":
+        p = program.point()
+        sup = {"nearest": f"nearest to ({p[0]:g}, {p[1]:g})" if p else "nearest",
+               "largest": "largest", "smallest": "smallest"}[program.order]
+        lead = f"The {sup} is the {_one(defects[0])}. "
+    if program.intent == "verdict":
+        return (f"Fail: {n} {what}{where}: {listing}." if n
+                else f"Pass: no {_what(program.types, 2)} found{where}.")
     if n == 0:
-        none = f"No {_name(filt, 2)} found." if filt not in (None, "all") else "No defects found."
-        return ("No. " + none) if intent == "exists" else none
-    if intent == "count":
-        return f"There {'is' if n == 1 else 'are'} {n} {what}: {_where(defects)}."
-    if intent == "exists":
-        return f"Yes, {n} {what}: {_where(defects)}."
-    return f"Found {n} {what}: {_where(defects)}."
+        none = f"No {_what(program.types, 2)} found{where}."
+        return ("No. " + none) if program.intent == "exists" else none
+    if program.intent == "count":
+        return lead + f"There {'is' if n == 1 else 'are'} {n} {what}{where}: {listing}."
+    if program.intent == "exists":
+        return lead + f"Yes, {n} {what}{where}: {listing}."
+    return lead + f"Found {n} {what}{where}: {listing}."

@@ -2,9 +2,10 @@
 
 prepare (``load_pair`` at the manifest's input size: aligned test, template, |difference|) ->
 ``vision`` graph (visual tokens, region proposals, token scores) -> optional visual-token pruning
--> ``decoder_prefill`` -> cached ``decoder_step`` calls under the answer grammar (the decoder
-points at proposals, so every reported box is a proposal: grounded by construction) -> answer
-JSON with boxes in original pixels.
+-> two decoder passes (``decoder_prefill`` then cached ``decoder_step`` calls, program.py): the
+question's program, and the board pass (once per board) whose pointers at proposals are every
+reported box (grounded by construction) -> the regions the program admits -> answer JSON with
+boxes in original pixels.
 """
 from __future__ import annotations
 
@@ -15,14 +16,15 @@ import numpy as np
 
 from pcbedge.data.preprocess import load_pair, prepare_pair
 from pcbedge.errors import BundleError, InputImageError
-from pcbedge.families.pcbvlm.grammar import DecodeState, build_answer
-from pcbedge.families.pcbvlm.tokenizer import encode_question
+from pcbedge.families.pcbvlm.answer import board_budget, compose, run_board, run_program
+from pcbedge.families.pcbvlm.program import program_visual_tokens
+from pcbedge.families.pcbvlm.tokenizer import encode_question, encode_question_numbers
 from pcbedge.runtime import validate_max_new_tokens, validate_question
 from pcbedge.runtime.protocol import Encoded, Prepared, Runner, ms_since
 from pcbedge.runtime.pruning import TokenPruningConfig, as_pruning_config, select_tokens
 from pcbedge.runtime.sessions import open_bundle
 
-PARSER = "pcbvlm-pointer-v2"
+PARSER = "pcbvlm-pointer-v3"
 GRAPHS = ("vision", "decoder_prefill", "decoder_step")
 
 
@@ -115,38 +117,36 @@ class PcbVlmOnnxRunner(Runner):
         """Answer ``question`` from the vision outputs of :meth:`encode`."""
         t_start = time.perf_counter()
         validate_max_new_tokens(max_new_tokens)
-        ids = self.encode_question(question)
+        ids, numbers = encode_question_numbers(self.tokenizer, validate_question(question),
+                                               self.max_question_tokens)
         cfg = self.pruning if pruning is None else as_pruning_config(pruning)
         out_v = encoded.outputs
         vis, reg = out_v["visual_tokens"], out_v["region_tokens"]
         n_total = int(vis.shape[1])
+        timing = {"prefill": 0.0, "decode": 0.0}
+        few = program_visual_tokens(n_total, self.grammar["program"].get("visual_tokens", 8))
+        prefill, step = self._passes(np.ascontiguousarray(vis[:, few]), reg, timing)
+        pstate, _ = run_program(self.grammar, prefill, step, ids, len(numbers),
+                                self.max_text_len, max_new_tokens)
         keep = self.keep_indices(encoded, cfg)
         if keep is not None:
             vis = np.ascontiguousarray(vis[:, keep])
-        state = DecodeState(self.grammar, out_v["region_scores"][0], out_v["region_boxes"][0])
-        t0 = time.perf_counter()
-        logits, past = self.sessions["decoder_prefill"].run(
-            ["logits", "present"], {"visual_tokens": vis, "region_tokens": reg,
-                                    "input_ids": np.asarray([ids], dtype=np.int64)})
-        prefill_ms = ms_since(t0)
-        t0 = time.perf_counter()
-        step = self.sessions["decoder_step"]
-        pos, out = len(ids), []
-        for _ in range(max_new_tokens):
-            tok = state.step(logits[0])
-            out.append(tok)
-            if state.done or pos >= self.max_text_len - 1:
-                break
-            logits, past = step.run(["logits", "present"], {
-                "input_ids": np.array([[tok]], dtype=np.int64),
-                "positions": np.array([[pos]], dtype=np.int64),
-                "region_tokens": reg, "past": past})
-            pos += 1
-        decode_ms = ms_since(t0)
+        prefill, step = self._passes(vis, reg, timing)
+        key = ("board", repr(sorted(cfg.to_dict().items())))
+        if key not in encoded.cache:     # one board pass per board, whatever the question
+            canon = encode_question(self.tokenizer, self.grammar["canonical_question"],
+                                    self.max_question_tokens)
+            encoded.cache[key] = run_board(self.grammar, prefill, step, canon,
+                                           out_v["region_scores"][0], out_v["region_boxes"][0],
+                                           self.max_text_len, board_budget(self.grammar))[0]
         meta = encoded.meta
         to_orig = meta.to_original if meta is not None else (lambda b: list(b))
         quality = meta.quality_dict() if meta is not None else None
-        ans = build_answer(state, out_v["region_boxes"][0], to_orig, question, quality=quality)
+        size = (meta.orig_w, meta.orig_h) if meta is not None else tuple(
+            int(v) for v in encoded.prepared.inputs.shape[-1:-3:-1])
+        ans, out = compose(self.grammar, pstate, numbers, encoded.cache[key],
+                           out_v["region_boxes"][0], to_orig, size, quality, max_new_tokens)
+        prefill_ms, decode_ms = timing["prefill"], timing["decode"]
         ans["raw"] = self.tokenizer.decode(out, skip_special_tokens=False)
         ans["token_ids"] = out
         ans["latency_ms"] = {"preprocess": encoded.prepared.preprocess_ms,
@@ -157,3 +157,25 @@ class PcbVlmOnnxRunner(Runner):
                        "pruning": cfg.to_dict(), "new_tokens": len(out),
                        "engine": "onnxruntime", "providers": self.providers}
         return ans
+
+    def _passes(self, vis, reg, timing: dict):
+        """prefill / step callables over the decoder graphs, timing into ``timing``."""
+        pre, stp = self.sessions["decoder_prefill"], self.sessions["decoder_step"]
+
+        def prefill(ids):
+            t0 = time.perf_counter()
+            logits, past = pre.run(["logits", "present"], {
+                "visual_tokens": vis, "region_tokens": reg,
+                "input_ids": np.asarray([ids], dtype=np.int64)})
+            timing["prefill"] += ms_since(t0)
+            return logits[0], past
+
+        def step(tok, pos, past):
+            t0 = time.perf_counter()
+            logits, past = stp.run(["logits", "present"], {
+                "input_ids": np.array([[tok]], dtype=np.int64),
+                "positions": np.array([[pos]], dtype=np.int64),
+                "region_tokens": reg, "past": past})
+            timing["decode"] += ms_since(t0)
+            return logits[0], past
+        return prefill, step

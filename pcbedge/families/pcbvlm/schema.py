@@ -8,7 +8,8 @@ KeyError in the middle of an answer. Torch-free.
 """
 from __future__ import annotations
 
-from pcbedge.bundle.schema import Int, Num, Obj, Str, Violation
+from pcbedge.bundle.schema import Int, List, Num, Obj, Str, Violation
+from pcbedge.data.query import MAX_SLOTS, ORDERS, SCOPES
 from pcbedge.families.pcbvlm.grammar import DEFECT_TYPES, INTENTS, REGION_CONFIDENCE
 
 TOKEN = Int(0, 1 << 24)
@@ -21,8 +22,21 @@ def _table(keys) -> Obj:
     return Obj({k: TOKEN for k in keys}, required=keys, extra=False)
 
 
+PROGRAM = Obj({
+    "prog": TOKEN,
+    "scopes": _table(SCOPES),
+    "scope_slots": Obj({k: Int(0, MAX_SLOTS) for k in SCOPES}, required=tuple(SCOPES),
+                       extra=False),
+    "orders": _table(ORDERS),
+    "slots": List(TOKEN, min_len=MAX_SLOTS, max_len=MAX_SLOTS),
+    "near_px": Num(0.0, 1e6),
+    "visual_tokens": Int(1, 1 << 16),
+}, required=("prog", "scopes", "scope_slots", "orders", "slots"))
+
 GRAMMAR = Obj({
-    "kind": Str(("pcbvlm-pointer-v2",)),
+    "kind": Str(("pcbvlm-pointer-v3",)),
+    "canonical_question": Str(max_len=512),
+    "program": PROGRAM,
     **{k: TOKEN for k in ("bos", "sep", "eos", "pad", "region_offset")},
     "intents": _table(INTENTS),
     "filters": _table(("all", *DEFECT_TYPES)),
@@ -38,7 +52,7 @@ GRAMMAR = Obj({
                                         "c": Num(-1e6, 1e6)},
                                        required=("residual_ref", "c"), nullable=True)}),
 }, required=("kind", "bos", "sep", "eos", "pad", "intents", "filters", "types", "region_offset",
-             "num_regions", "min_region_score"))
+             "num_regions", "min_region_score", "canonical_question", "program"))
 
 MANIFEST = {
     "answer": Obj({"grammar": GRAMMAR}, required=("grammar",)),
@@ -64,6 +78,11 @@ def _grammar_matches_the_model(m: dict) -> None:
     ids = {k: g[k] for k in ("bos", "sep", "eos", "pad")}
     for table in ("intents", "filters", "types"):
         ids.update({f"{table}.{k}": v for k, v in g[table].items()})
+    p = g["program"]
+    ids["program.prog"] = p["prog"]
+    for table in ("scopes", "orders"):
+        ids.update({f"program.{table}.{k}": v for k, v in p[table].items()})
+    ids.update({f"program.slots.{i}": v for i, v in enumerate(p["slots"])})
     for name, token in ids.items():
         if token >= g["region_offset"]:
             raise Violation(f"answer.grammar.{name}", token,

@@ -15,6 +15,7 @@ import string
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import WordPiece
 
+from pcbedge.data.query import extract_numbers
 from pcbedge.families.pcbvlm.grammar import SPECIAL_TOKENS
 
 MAX_QUESTION_CHARS = 2000
@@ -55,10 +56,20 @@ def build_tokenizer(corpus: list[str], num_regions: int) -> Tokenizer:
 
 def encode_question(tok: Tokenizer, question: str, max_len: int) -> list[int]:
     """``<bos> question-pieces <sep>``, the question cut to ``max_len - 2`` pieces."""
+    return encode_question_numbers(tok, question, max_len)[0]
+
+
+def encode_question_numbers(tok: Tokenizer, question: str, max_len: int
+                            ) -> tuple[list[int], list[float]]:
+    """As :func:`encode_question`, and the question's numbers: each becomes a slot token
+    ``<n_i>`` (program.py) whose value is the i-th of the returned list."""
     vocab = tok.get_vocab(with_added_tokens=True)
     # brackets never carry meaning in an inspector's question, and removing them keeps a typed
     # "<eos>" or "<r_3>" from being read as the answer language's own tokens
     text = question[:MAX_QUESTION_CHARS].translate(_NEUTRALISE)
+    text, numbers = extract_numbers(text)
     ids = tok.encode(text, add_special_tokens=False).ids
     body = ids[: max_len - 2]
-    return [vocab["<bos>"], *body, vocab["<sep>"]]
+    slots = {vocab.get(f"<n_{i}>") for i in range(len(numbers))}
+    kept = sum(1 for t in body if t in slots)
+    return [vocab["<bos>"], *body, vocab["<sep>"]], numbers[:kept]

@@ -46,7 +46,7 @@ class PcbVlmTorchRunner(Runner):
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
             out = prefill(*args, **kwargs)
-            self._prefill_ms = ms_since(t0)
+            self._prefill_ms += ms_since(t0)   # both passes (program, board)
             return out
         self.model.decoder.prefill = timed
 
@@ -76,7 +76,7 @@ class PcbVlmTorchRunner(Runner):
         if cfg.enabled:
             from pcbedge.families.pcbvlm.export import SCORE_OUTPUTS
             keep = select_tokens(enc[SCORE_OUTPUTS[cfg.method]][0].numpy(), cfg)
-        t0 = time.perf_counter()
+        t0, self._prefill_ms = time.perf_counter(), 0.0
         ans = self.model.answer_encoded(enc, question, encoded.meta, max_new_tokens, keep)
         loop_ms = ms_since(t0)
         ans["latency_ms"] = {"preprocess": encoded.prepared.preprocess_ms,

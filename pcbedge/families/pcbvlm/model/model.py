@@ -14,8 +14,10 @@ from torch import nn
 from pcbedge.errors import ModelError
 from pcbedge.families.pcbvlm.model.config import PcbVlmConfig
 from pcbedge.families.pcbvlm.model.decoder import Decoder
-from pcbedge.families.pcbvlm.grammar import DecodeState, build_answer, grammar_spec
-from pcbedge.families.pcbvlm.tokenizer import encode_question
+from pcbedge.families.pcbvlm.answer import board_budget, compose, run_board, run_program
+from pcbedge.families.pcbvlm.grammar import DecodeState, grammar_spec
+from pcbedge.families.pcbvlm.program import program_visual_tokens
+from pcbedge.families.pcbvlm.tokenizer import encode_question, encode_question_numbers
 from pcbedge.families.pcbvlm.model.vision import Projector, VisionEncoder
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")
@@ -63,36 +65,50 @@ class PcbVlm(nn.Module):
     @torch.no_grad()
     def answer_encoded(self, enc: dict, question: str, meta=None, max_new_tokens: int = 64,
                        keep: np.ndarray | None = None) -> dict:
-        """As :meth:`answer`, on the outputs of :meth:`encode_image` (one image, many questions)."""
-        state, out = self.decode(enc, question, max_new_tokens, keep)
+        """As :meth:`answer`, on the outputs of :meth:`encode_image` (one image, many questions):
+        the program pass on the question, the board pass, and the answer they make."""
+        max_q = self.cfg.text.max_text_len // 2
+        ids, numbers = encode_question_numbers(self.tokenizer, question, max_q)
+        n_vis = enc["visual_tokens"].shape[1]
+        few = program_visual_tokens(n_vis, self.spec["program"].get("visual_tokens", 8))
+        prefill, step = self._passes(enc, few)
+        pstate, _ = run_program(self.spec, prefill, step, ids, len(numbers),
+                                self.cfg.text.max_text_len, max_new_tokens)
+        bstate, _ = self.board_pass(enc, board_budget(self.spec), keep)
         to_orig = meta.to_original if meta is not None else (lambda b: list(b))
         quality = meta.quality_dict() if meta is not None else None
-        ans = build_answer(state, enc["region_boxes"][0].numpy(), to_orig, question,
-                           quality=quality)
+        size = (meta.orig_w, meta.orig_h) if meta is not None else (self.cfg.input_size,) * 2
+        ans, out = compose(self.spec, pstate, numbers, bstate, enc["region_boxes"][0].numpy(),
+                           to_orig, size, quality, max_new_tokens)
         ans["token_ids"] = out
         ans["raw"] = self.tokenizer.decode(out, skip_special_tokens=False)
         return ans
 
-    @torch.no_grad()
-    def decode(self, enc: dict, question: str, max_new_tokens: int = 64,
-               keep: np.ndarray | None = None) -> tuple[DecodeState, list[int]]:
-        """Greedy grammar-constrained decoding: the final state (defects with their raw,
-        unrounded log-probabilities; what calibration fits on) and the generated ids."""
+    def _passes(self, enc: dict, keep: np.ndarray | None):
         vis = enc["visual_tokens"] if keep is None else enc["visual_tokens"][:, torch.as_tensor(keep)]
         reg = enc["region_tokens"]
-        ids = encode_question(self.tokenizer, question, self.cfg.text.max_text_len // 2)
-        state = DecodeState(self.spec, enc["region_scores"][0].numpy(),
-                            enc["region_boxes"][0].numpy())
-        logits, past = self.decoder.prefill(vis, reg, torch.tensor([ids]))
-        pos, out = len(ids), []
-        for _ in range(max_new_tokens):
-            tok = state.step(logits[0].numpy())
-            out.append(tok)
-            if state.done or pos >= self.cfg.text.max_text_len - 1:
-                break
-            logits, past = self.decoder.step(torch.tensor([[tok]]), torch.tensor([[pos]]), reg, past)
-            pos += 1
-        return state, out
+
+        def prefill(ids):
+            logits, past = self.decoder.prefill(vis, reg, torch.tensor([ids]))
+            return logits[0].numpy(), past
+
+        def step(tok, pos, past):
+            logits, past = self.decoder.step(torch.tensor([[tok]]), torch.tensor([[pos]]), reg,
+                                             past)
+            return logits[0].numpy(), past
+        return prefill, step
+
+    @torch.no_grad()
+    def board_pass(self, enc: dict, max_new_tokens: int | None = None,
+                   keep: np.ndarray | None = None) -> tuple[DecodeState, list[int]]:
+        """The board pass (fixed question, every defect): the final state (defects with their
+        raw, unrounded log-probabilities; what calibration fits on) and the generated ids."""
+        ids = encode_question(self.tokenizer, self.spec["canonical_question"],
+                              self.cfg.text.max_text_len // 2)
+        prefill, step = self._passes(enc, keep)
+        return run_board(self.spec, prefill, step, ids, enc["region_scores"][0].numpy(),
+                         enc["region_boxes"][0].numpy(), self.cfg.text.max_text_len,
+                         max_new_tokens or board_budget(self.spec))
 
     def save_pretrained(self, out: str | Path, extra_generation: dict | None = None) -> None:
         out = Path(out)

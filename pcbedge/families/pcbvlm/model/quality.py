@@ -20,7 +20,6 @@ from tqdm import tqdm
 from pcbedge.data.deeppcb import DEFECT_TYPES
 from pcbedge.data.degrade import CALIBRATION_DEGRADATIONS
 from pcbedge.data.preprocess import prepare_pair
-from pcbedge.data.qa import QuestionGenerator
 from pcbedge.families.pcbvlm.grammar import logit_of_logp
 
 
@@ -39,29 +38,26 @@ def is_correct(d: dict, boxes: np.ndarray, types, used: set) -> bool:
 @torch.no_grad()
 def quality_records(model, boards, seed: int, degradations=CALIBRATION_DEGRADATIONS,
                     clean: bool = True) -> list[tuple[float, float, bool]]:
-    """(calibrated logit without penalty, residual, correct) of every reported defect of the
-    describe-all and typed questions, on each board clean and under each degradation.
+    """(calibrated logit without penalty, residual, correct) of every defect the board pass
+    reports, on each board clean and under each degradation.
     ``boards`` hold ``img`` (uint8 [2, S, S]: test, template), ``boxes`` and ``types``."""
     a, b = model.calibration.get("a", 1.0), model.calibration.get("b", 0.0)
     conds = ([("clean", None)] if clean else []) + list(degradations.items())
     out = []
     for name, fn in conds:
-        gen = QuestionGenerator(seed=seed + 11, split="train")
         for bd in tqdm(boards, desc=f"stage C2: {name}", unit="board", leave=False):
             test, temp = bd.img[0], bd.img[1]
             if fn is not None:
                 test, temp = fn(test, temp)
             x, meta = prepare_pair(test, temp, model.cfg.input_size)
             enc = model.encode_image(torch.from_numpy(x).unsqueeze(0))
-            present = {DEFECT_TYPES[t] for t in bd.types}
             boxes = enc["region_boxes"][0].numpy()
-            for qa in gen.for_board_eval(present)[:4]:
-                state, _ = model.decode(enc, qa.question)
-                used: set = set()
-                for t, k, logp in state.defects:
-                    z = a * logit_of_logp(logp) + b      # calibrated logit, no penalty yet
-                    d = {"type": t, "bbox": boxes[k].tolist()}
-                    out.append((z, meta.quality.residual, is_correct(d, bd.boxes, bd.types, used)))
+            state, _ = model.board_pass(enc)
+            used: set = set()
+            for t, k, logp in state.defects:
+                z = a * logit_of_logp(logp) + b      # calibrated logit, no penalty yet
+                d = {"type": t, "bbox": boxes[k].tolist()}
+                out.append((z, meta.quality.residual, is_correct(d, bd.boxes, bd.types, used)))
     return out
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from pcbedge.data.deeppcb import DEFECT_TYPES, Board, read_list, split_trainval
 from pcbedge.data.align import align_pair
 from pcbedge.data.preprocess import pair_to_input, read_gray, resize_u8
-from pcbedge.data.qa import QuestionGenerator, vocabulary_corpus
+from pcbedge.data.qa import vocabulary_corpus
 from pcbedge.families.pcbvlm.model.augment import crop, dihedral
 from pcbedge.families.pcbvlm.model.config import PcbVlmConfig, TextConfig
 from pcbedge.families.pcbvlm.model.model import PcbVlm
@@ -53,6 +53,7 @@ class FinetuneConfig:
     init_from: str | None = None  # a saved model folder to start from (e.g. checkpoint_stage_a)
     set_pointer_loss: bool = True  # REGION target = every unreported true region (else: next one)
     quality_calibration: bool = True  # stage C2: confidence falls with the capture's residual
+    p_board: float = 0.4          # stage B: share of board-pass examples (the rest: programs)
 
 
 class Board8:
@@ -127,21 +128,18 @@ def train_vision(model: PcbVlm, boards: list[Board8], fc: FinetuneConfig, logf) 
 
 @torch.no_grad()
 def calibration_pairs(model: PcbVlm, boards: list[Board8], seed: int) -> tuple[list, list]:
-    """Answer describe-all and typed questions on validation boards; (raw logp, correct) pairs,
-    the raw log-probability read from the decoding state (unrounded)."""
+    """The board pass on validation boards (every question's confidences come from it);
+    (raw logp, correct) pairs, the raw log-probability read from the decoding state."""
     from pcbedge.families.pcbvlm.model.quality import is_correct
-    gen = QuestionGenerator(seed=seed + 7, split="train")
     logps, correct = [], []
     for bd in tqdm(boards, desc="stage C: calibration answers", unit="board"):
         enc = model.encode_image(torch.from_numpy(_to_input(bd.img)).unsqueeze(0))
         boxes = enc["region_boxes"][0].numpy()
-        present = {DEFECT_TYPES[t] for t in bd.types}
-        for qa in gen.for_board_eval(present):
-            state, _ = model.decode(enc, qa.question)
-            used: set = set()
-            for t, k, logp in state.defects:
-                d = {"type": t, "bbox": boxes[k].tolist()}
-                logps.append(logp), correct.append(is_correct(d, bd.boxes, bd.types, used))
+        state, _ = model.board_pass(enc)
+        used: set = set()
+        for t, k, logp in state.defects:
+            d = {"type": t, "bbox": boxes[k].tolist()}
+            logps.append(logp), correct.append(is_correct(d, bd.boxes, bd.types, used))
     return logps, correct
 
 

@@ -14,7 +14,9 @@ from tqdm import tqdm
 from pcbedge.data.deeppcb import DEFECT_TYPES
 from pcbedge.data.qa import QA, QuestionGenerator
 from pcbedge.families.pcbvlm.model.augment import dihedral
-from pcbedge.families.pcbvlm.tokenizer import encode_question
+from pcbedge.data.query import Program
+from pcbedge.families.pcbvlm.program import program_visual_tokens
+from pcbedge.families.pcbvlm.tokenizer import encode_question_numbers
 from pcbedge.geometry import iou_matrix
 
 IGNORE = -100
@@ -74,10 +76,26 @@ def answer_ids(spec: dict, qa: QA, match: np.ndarray, rng: random.Random | None 
     return ids + [spec["eos"]]
 
 
-def make_batch(model, items, rng: random.Random, gen: QuestionGenerator, fc, max_q: int):
+def program_ids(spec: dict, program: Program) -> list[int]:
+    """The program pass's target: INTENT FILTERS SCOPE SLOT* ORDER <eos> (program.py)."""
+    if program.intent == "unsupported":
+        return [spec["intents"]["unsupported"], spec["eos"]]
+    p = spec["program"]
+    ids = [spec["intents"][program.intent]]
+    ids += [spec["filters"][t] for t in program.types] or [spec["filters"]["all"]]
+    ids += [p["scopes"][program.scope]] + [p["slots"][i] for i in program.slots]
+    return ids + [p["orders"][program.order], spec["eos"]]
+
+
+def make_batch(model, items, rng: random.Random, gen: QuestionGenerator, fc, max_q: int,
+               board: bool | None = None):
     """Token ids, labels, the vision cache and ``targets`` [B,T,K]: at each REGION label, every
     proposal still to be reported (the set-based pointer target: region tokens carry no index,
-    so any unreported true region is a right next answer)."""
+    so any unreported true region is a right next answer).
+
+    A batch is of board passes (a describe-all question, then ``<q_describe> <f_all>`` and the
+    board's regions) or of program passes (``question <prog>`` then the question's program,
+    over every question kind); ``board`` None mixes them, a share ``fc.p_board`` of boards."""
     spec, tok = model.spec, model.tokenizer
     unk = tok.token_to_id("[UNK]")
     off, K = spec["region_offset"], spec["num_regions"]
@@ -85,13 +103,19 @@ def make_batch(model, items, rng: random.Random, gen: QuestionGenerator, fc, max
     for _ in range(fc.batch_b):
         it = items[rng.randrange(len(items))]
         present = {DEFECT_TYPES[int(t)] for t in it["match"] if t >= 0}
-        qa = gen.sample(present)
-        q = encode_question(tok, qa.question, max_q)
-        q = [q[0]] + [unk if rng.random() < fc.word_dropout else t for t in q[1:-1]] + [q[-1]]
-        a = answer_ids(spec, qa, it["match"], rng if fc.set_pointer_loss else None)
-        s = q + a
+        is_board = rng.random() < fc.p_board if board is None else board
+        qa = gen.describe() if is_board else gen.sample_program(present)
+        q, _ = encode_question_numbers(tok, qa.question, max_q)
+        q = [q[0]] + [unk if rng.random() < fc.word_dropout and t < spec["region_offset"]
+                      and t not in spec["program"]["slots"] else t for t in q[1:-1]] + [q[-1]]
+        if is_board:
+            a = answer_ids(spec, qa, it["match"], rng if fc.set_pointer_loss else None)
+            s, lab = q + a, [IGNORE] * (len(q) - 1) + a
+        else:
+            a = program_ids(spec, qa.meaning())
+            s, lab = q + [spec["program"]["prog"]] + a, [IGNORE] * len(q) + a
         seqs.append(s[:-1])
-        labels.append([IGNORE] * (len(q) - 1) + a)
+        labels.append(lab)
         c32.append(it["c32"]), raw.append(it["raw"])
     n = max(len(s) for s in seqs)
     pad = spec["pad"]
@@ -122,6 +146,10 @@ def part_of(spec: dict) -> dict[int, str]:
     parts.update({v: "filter" for v in spec["filters"].values()})
     parts.update({v: "type" for v in spec["types"].values()})
     parts[spec["eos"]] = "eos"
+    p = spec.get("program", {})
+    for v in list(p.get("scopes", {}).values()) + list(p.get("orders", {}).values()) + \
+            list(p.get("slots", [])):
+        parts[v] = "program"
     return parts
 
 
@@ -141,13 +169,19 @@ def train_decoder(model, items, fc, logf) -> None:
         frac = (time.time() - t0) / budget
         for g in opt.param_groups:
             g["lr"] = fc.lr_b * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))) * min(1, (step + 1) / 100)
-        ids, lab, c32, raw, targets = make_batch(model, items, rng, gen, fc, max_q)
+        board = rng.random() < fc.p_board
+        ids, lab, c32, raw, targets = make_batch(model, items, rng, gen, fc, max_q, board)
         vis, reg = model.projector(c32, raw)
         n_vis = vis.shape[1]
-        # visual-token dropout; mostly short prefixes (the region tokens carry the evidence),
-        # which also makes a step ~3x cheaper; 15% of batches see every token
-        keep = n_vis if rng.random() < 0.15 else max(8, int(n_vis * rng.uniform(0.05, 0.5)))
-        idx = torch.stack([torch.randperm(n_vis)[:keep].sort().values for _ in range(len(ids))])
+        if board:
+            # visual-token dropout; mostly short prefixes (the region tokens carry the
+            # evidence), which also makes a step ~3x cheaper; 15% of batches see every token
+            keep = n_vis if rng.random() < 0.15 else max(8, int(n_vis * rng.uniform(0.05, 0.5)))
+            idx = torch.stack([torch.randperm(n_vis)[:keep].sort().values
+                               for _ in range(len(ids))])
+        else:   # the program pass reads the question with the fixed few visual tokens
+            idx = torch.as_tensor(program_visual_tokens(n_vis)).unsqueeze(0).expand(len(ids), -1)
+            keep = idx.shape[1]
         vis = torch.gather(vis, 1, idx.unsqueeze(2).expand(-1, -1, vis.shape[2]))
         logits = model.decoder.forward_full(vis, reg, ids)
         loss_all = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1),
@@ -166,7 +200,7 @@ def train_decoder(model, items, fc, logf) -> None:
         if step % 25 == 0:
             rec = {"stage": "B", "step": step, "s": round(time.time() - t0, 1),
                    "loss": round(loss.item(), 4), "keep": keep}
-            for name in ("intent", "filter", "type", "eos", "region"):
+            for name in ("intent", "filter", "program", "type", "eos", "region"):
                 sel = valid & _is_part(lab, parts, name, spec)
                 if sel.any():
                     rec[name] = round(loss_all[sel].mean().item(), 4)
