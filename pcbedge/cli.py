@@ -184,8 +184,11 @@ REGRESSION_OPTIONS = ("max_p50_regression_pct", "max_p95_regression_pct",
               help="Vs --compare: FP32 answer agreement drop allowed.")
 @click.option("--busy-machine", type=click.Choice(["flag", "refuse"]),
               help="On a busy machine: time and flag, or refuse (exit 4). Default: the profile's.")
+@click.option("--resume", is_flag=True,
+              help="Keep each board's answers in OUT/answers and reuse those of an interrupted "
+                   "run into the same --out (long runs on slow devices).")
 def bench(bundle, data, list_file, reference, out_dir, queries, min_seconds, sweep, robustness,
-          max_boards, warmup, threads, quiet, baseline, busy_machine, verify_key,
+          max_boards, warmup, threads, quiet, baseline, busy_machine, verify_key, resume,
           **gate_values) -> None:
     """Measure a bundle's latency and accuracy drift against gates.
 
@@ -202,7 +205,7 @@ def bench(bundle, data, list_file, reference, out_dir, queries, min_seconds, swe
                                out_dir=out_dir, queries=queries, min_seconds=min_seconds,
                                gates=gates, sweep=sweep, robustness=robustness,
                                max_boards=max_boards, warmup=warmup, threads=threads,
-                               progress=not quiet, **extra)
+                               progress=not quiet, resume=resume, **extra)
     if not report["passed"]:
         raise GateFailed(f"benchmark of {bundle}: gate(s) missed: {_failed_gates(report)}",
                          fix="see the report; rebuild with another recipe or relax the gate")

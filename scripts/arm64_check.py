@@ -14,14 +14,16 @@ debootstraps a minimal bookworm arm64 root with python3 into ``--root`` (default
 from a copy of this checkout: onnxruntime, numpy, pillow, tokenizers, click, jinja2 aarch64
 wheels from PyPI; no torch). It is re-run only when the package's source changes.
 
-``run`` copies the bundle, its FP32 reference and the first ``--boards`` boards of the list into
-the root, then benches the bundle twice with the same boards and questions: on the x86 host
+``run`` copies the bundle, its FP32 reference and ``--boards`` boards of the list into the root
+(a work folder per ``--out``, kept until the check completes), then benches the bundle twice with the same boards and questions: on the x86 host
 (``PCBEDGE_ALLOW_FOREIGN_ARCH=1``: the same arm64 bundle, x86 kernels) and inside the arm64 root
 (ARM kernels, chroot + qemu). It compares the answers board by board (same defects, boxes within
 ``--box-tol`` px, confidences within ``--conf-tol``), the preprocessed inputs, and the residual
 INT8 score bias of the vision graph on both instruction sets, and writes ``OUT/arm64_check.json``.
 Latency inside the root is qemu emulation (tens of times slower than a real ARM core) and is
-reported only as such. Exit 0 when everything agrees and the arm64 gates pass, 1 otherwise.
+reported only as such. Both benches run with ``--resume``: a check stopped midway (it takes
+hours under emulation) and run again with the same ``--out`` reuses every board already
+answered. Exit 0 when everything agrees and the arm64 gates pass, 1 otherwise.
 """
 from __future__ import annotations
 
@@ -246,30 +248,46 @@ def run(args) -> int:
 
 
 def _run(args, root: Path) -> int:
-    # a work folder of its own: concurrent runs (a test beside a long check) never share files
-    name = f"run-{os.getpid()}-{os.urandom(3).hex()}"
+    # a work folder per --out: concurrent checks (a test beside a long check) never share files,
+    # and a rerun of a stopped check into the same --out resumes its benches (bench --resume)
+    name = "check-" + hashlib.sha256(str(args.out.resolve()).encode()).hexdigest()[:12]
     work, inside = root / "work" / name, f"/work/{name}"
-    try:
-        return _run_in(args, root, work, inside)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / ".lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"another check into {args.out} is running", file=sys.stderr)
+            return BUSY
+        rc = _run_in(args, root, work, inside)
+    shutil.rmtree(work, ignore_errors=True)    # kept after a failure or a stop: resumable
+    return rc
+
+
+def _copy_fresh(src: Path, dest: Path) -> None:
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest)
 
 
 def _run_in(args, root: Path, work: Path, inside: str) -> int:
-    work.mkdir(parents=True)
-    shutil.copytree(args.bundle, work / "bundle")
-    shutil.copytree(args.reference, work / "reference")
+    _copy_fresh(args.bundle, work / "bundle")
+    _copy_fresh(args.reference, work / "reference")
+    shutil.rmtree(work / "data", ignore_errors=True)
     stage_boards(args.data.resolve(), args.list, args.boards, work / "data")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PCBEDGE_ALLOW_FOREIGN_ARCH": "1", "PYTHONPATH": str(REPO)}
     x86_cmd = [sys.executable, "-m", "pcbedge", "bench", work / "bundle", "--reference",
                work / "reference", "--data", work / "data", "--list", work / "data/boards.txt",
-               "--out", out / "x86", "--quiet", *NO_LATENCY]
+               "--out", out / "x86", "--quiet", "--resume", *NO_LATENCY]
     rc_x86 = subprocess.run([str(c) for c in x86_cmd], env=env).returncode
+    # the arm64 side answers board by board into work/out/answers (bench --resume): a stopped
+    # check rerun with the same --out continues where it was
     arm_cmd = [f"{VENV}/bin/python", "-m", "pcbedge", "bench", f"{inside}/bundle", "--reference",
                f"{inside}/reference", "--data", f"{inside}/data", "--list",
-               f"{inside}/data/boards.txt", "--out", f"{inside}/out", "--quiet", *NO_LATENCY]
+               f"{inside}/data/boards.txt", "--out", f"{inside}/out", "--resume", *NO_LATENCY]
+    if args.threads:
+        arm_cmd += ["--threads", str(args.threads)]
     rc_arm = chroot(root, arm_cmd, check=False).returncode
     shutil.copytree(work / "out", out / "arm64", dirs_exist_ok=True)
     (work / "probe.py").write_text(PROBE)
@@ -343,6 +361,8 @@ def main(argv=None) -> int:
     r.add_argument("--conf-tol", type=float, default=0.02)
     r.add_argument("--no-wait", action="store_true",
                    help=f"exit {BUSY} instead of waiting when another run holds the root")
+    r.add_argument("--threads", type=int, default=None,
+                   help="threads of the arm64 bench (default: the bundle's)")
     r.add_argument("--bias-boards", type=int, default=12,
                    help="boards (x 8 views) the residual INT8 score bias is measured on")
     args = ap.parse_args(argv)

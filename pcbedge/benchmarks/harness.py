@@ -274,7 +274,7 @@ class _Run:
 
 
 def _measure_bundle(bundle: Path, workload: wl.Workload, manifest: dict, *, queries, min_seconds,
-                    warmup, robustness, threads, progress) -> _Run:
+                    warmup, robustness, threads, progress, cache=None) -> _Run:
     """Cold start, latency pass, accuracy pass (and robustness) of the bundle itself."""
     rss = _Rss()
     runner, cold = _cold_start(bundle, workload, threads, rss)
@@ -284,7 +284,7 @@ def _measure_bundle(bundle: Path, workload: wl.Workload, manifest: dict, *, quer
                               warmup=warmup, start=1, progress=progress, on_query=rss.sample)
     lat["machine_during"] = sampler.summary()
     rss_after = rss.sample()
-    answers = wl.answer_boards(runner, workload, progress=progress)
+    answers = wl.answer_boards(runner, workload, progress=progress, cache=cache)
     accuracy = acc_mod.score_accuracy(workload, answers)
     robust = acc_mod.run_robustness(runner, workload, accuracy, progress=progress) \
         if robustness else None
@@ -299,19 +299,34 @@ def _measure_bundle(bundle: Path, workload: wl.Workload, manifest: dict, *, quer
 
 
 def _drift(ref_path: Path | None, ref_note: str, workload: wl.Workload, run: _Run, threads,
-           progress: bool) -> dict:
-    """The same boards and questions through the FP32 reference, compared with the bundle."""
+           progress: bool, out: Path | None = None) -> dict:
+    """The same boards and questions through the FP32 reference, compared with the bundle.
+    ``out``: resume from (and keep) the reference's answers in ``out/answers`` (--resume); the
+    reference is then opened only if a board is missing there."""
     if ref_path is None:
         return {"available": False, "reason": ref_note}
-    ref_runner = wl.open_runner(ref_path, threads=threads)
-    ref_answers = wl.answer_boards(ref_runner, workload, progress=progress, desc="reference")
-    _close_runner(ref_runner)
-    del ref_runner
+    opened: list = []
+
+    def open_ref():
+        opened.append(wl.open_runner(ref_path, threads=threads))
+        return opened[0]
+
+    cache = None
+    if out is not None:
+        from pcbedge.benchmarks.answer_cache import AnswerCache
+        cache = AnswerCache(out, "reference", ref_path)
+    ref_answers = wl.answer_boards(open_ref if cache is not None else open_ref(), workload,
+                                   progress=progress, desc="reference", cache=cache)
+    for r in opened:
+        _close_runner(r)
+    del opened
     gc.collect()
     drift = acc_mod.drift_block(run.answers, ref_answers, run.accuracy,
                                 acc_mod.score_accuracy(workload, ref_answers))
     drift.update(reference=str(ref_path), reference_manifest_sha256=manifest_sha256(ref_path),
                  chosen=ref_note)
+    if cache is not None:
+        drift["answers_reused"] = cache.reused
     drift["question_agreement"] = compare_mod.agreement_flags(run.answers, ref_answers)
     return drift
 
@@ -349,7 +364,8 @@ def _assemble(bundle: Path, workload: wl.Workload, run: _Run, drift: dict, sweep
 def run_benchmark(bundle, *, data=None, list_file=None, reference=None, out_dir="bench-out",
                   queries=200, min_seconds=10.0, warmup=5, gates=None, sweep=False,
                   robustness=False, max_boards=None, threads=None, progress=True,
-                  compare=None, regression_gates=None, busy_machine=None) -> dict:
+                  compare=None, regression_gates=None, busy_machine=None,
+                  resume=False) -> dict:
     """Benchmark ``bundle`` (a bundle folder, or a model folder for the PyTorch reference).
 
     Returns the report dict (also ``out_dir/report.json``). Raises GateFailed after writing
@@ -359,7 +375,9 @@ def run_benchmark(bundle, *, data=None, list_file=None, reference=None, out_dir=
     (docs/bench.md "Compare"), with optional ``regression_gates={name: allowance}``.
     ``busy_machine`` ("flag" / "refuse") overrides the profile's ``[bench] busy_machine``;
     refusing raises MachineBusy (exit 4) before timing, or after writing the outputs when the
-    machine became busy during the latency pass.
+    machine became busy during the latency pass. ``resume``: keep each board's answers in
+    ``out_dir/answers`` as they are made and reuse those of an earlier run into the same folder
+    (:mod:`pcbedge.benchmarks.answer_cache`); the timed pass is always run afresh.
     """
     out_dir = DEFAULTS["out_dir"] if out_dir is None else out_dir
     pass_args = {"queries": DEFAULTS["queries"] if queries is None else queries,
@@ -389,9 +407,14 @@ def run_benchmark(bundle, *, data=None, list_file=None, reference=None, out_dir=
                                  "list file": workload.list_file, "reference": ref_path})
     before = _check_machine(out, bundle, policy, progress)
 
+    cache = None
+    if resume:
+        from pcbedge.benchmarks.answer_cache import AnswerCache
+        cache = AnswerCache(out, "bundle", bundle)
     run = _measure_bundle(bundle, workload, manifest, robustness=robustness, threads=threads,
-                          progress=progress, **pass_args)
-    drift = _drift(ref_path, ref_note, workload, run, threads, progress)
+                          progress=progress, cache=cache, **pass_args)
+    drift = _drift(ref_path, ref_note, workload, run, threads, progress,
+                   out if resume else None)
     if ref_check is not None and drift.get("available"):
         drift["reference_check"] = ref_check
     sweep_rows = None
@@ -401,6 +424,9 @@ def run_benchmark(bundle, *, data=None, list_file=None, reference=None, out_dir=
                                progress=progress, **pass_args)
     report = _assemble(bundle, workload, run, drift, sweep_rows, pass_args)
     report["bundle_size_mb"] = _bundle_size_mb(bundle)
+    if cache is not None:   # --resume: how many boards' answers came from the earlier run
+        report["answers_reused"] = {"bundle": cache.reused,
+                                    "reference": drift.pop("answers_reused", 0)}
     report["machine_state"] = ms_mod.machine_block(before, run.lat["machine_during"], policy)
     report["paired"] = compare_mod.paired_records(workload, run.answers,
                                                   drift.pop("question_agreement", None))

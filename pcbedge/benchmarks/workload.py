@@ -156,19 +156,35 @@ def board_input(runner, board: Board, degrade: Degrade | None = None):
 
 def answer_boards(runner, workload: Workload, *, degrade: Degrade | None = None,
                   describe_only: bool = False, progress: bool = True,
-                  desc: str = "accuracy") -> list[list[dict]]:
+                  desc: str = "accuracy", cache=None) -> list[list[dict]]:
     """answers[i][k]: the answer to question k of board i (one prepare and one vision pass per
-    board, through the runner protocol)."""
+    board, through the runner protocol). ``cache``: an
+    :class:`~pcbedge.benchmarks.answer_cache.AnswerCache` (``bench --resume``; clean boards,
+    all questions only): boards already in it are not answered again, new ones are appended.
+    ``runner`` may then be a zero-argument callable that opens the runner when first needed."""
+    from pcbedge.benchmarks.answer_cache import normalized
     from pcbedge.benchmarks.progress import progress as tqdm  # a bar on a tty, lines in a log
 
+    use_cache = cache is not None and degrade is None and not describe_only
     out: list[list[dict]] = []
     for i, board in enumerate(tqdm(workload.boards, desc=desc, unit="board",
                                    enabled=progress)):
-        enc = runner.encode(board_input(runner, board, degrade))
         qs = workload.board_queries(i)
         if describe_only:
             qs = [q for q in qs if q.qa.kind == "describe"][:1]
-        out.append([runner.answer(enc, q.qa.question) for q in qs])
+        key = cache.key(board, [q.qa.question for q in qs]) if use_cache else None
+        got = cache.get(key) if use_cache else None
+        if got is not None and len(got) == len(qs):
+            out.append(got)
+            continue
+        if callable(runner) and not hasattr(runner, "encode"):
+            runner = runner()          # opened only when a board is not in the cache
+        enc = runner.encode(board_input(runner, board, degrade))
+        answers = [runner.answer(enc, q.qa.question) for q in qs]
+        if use_cache:
+            answers = normalized(answers)
+            cache.put(key, answers)
+        out.append(answers)
     return out
 
 

@@ -130,6 +130,9 @@ def made_by_pcbedge(folder: Path, kind: str = "bundle") -> str | None:
             return "a pcbedge bench report"
         if b'name="pcbedge.bench' in _head(folder / "junit.xml"):
             return "the junit.xml of a pcbedge bench"
+        from pcbedge.benchmarks.answer_cache import is_cache_folder
+        if is_cache_folder(folder):
+            return "the answers of an interrupted pcbedge bench --resume"
     else:
         raise ValueError(f"unknown output kind {kind!r}")
     names = [p.name for p in folder.iterdir()]
