@@ -34,9 +34,7 @@ class SourceModel:
 
 def source_of(folder: Path, manifest: dict | None = None) -> SourceModel:
     """The source model of a bundle (its manifest's ``source_model``) or of a model folder (its
-    weights file, hashed); all None for a folder that is neither."""
-    from pcbedge.bundle.manifest import sha256_file
-
+    weights, hashed: one file or its shards); all None for a folder that is neither."""
     manifest = read_manifest_json(folder) if manifest is None else manifest
     if manifest:
         src = manifest.get("source_model")
@@ -49,8 +47,12 @@ def source_of(folder: Path, manifest: dict | None = None) -> SourceModel:
         return SourceModel(folder, None, None, None, None)
     from pcbedge.families import detect_family
     family = detect_family(folder)   # an unknown family fails here as it would at load
-    weights = folder / family.weights_file
-    sha = sha256_file(weights) if weights.is_file() else None
+    from pcbedge.errors import ModelError
+    from pcbedge.export.checkpoint import weights_sha256
+    try:
+        sha = weights_sha256(folder, family.weights_file)
+    except ModelError:
+        sha = None          # no weights to hash: the runner's own load reports what is missing
     return SourceModel(folder, folder.resolve().name, family.name, sha, None)
 
 

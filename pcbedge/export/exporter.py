@@ -13,11 +13,12 @@ import shutil
 import time
 from pathlib import Path
 
-from pcbedge.errors import DependencyError, ExportError, ModelError, OutputError
+from pcbedge.errors import DependencyError, ExportError, OutputError
 from pcbedge.bundle.atomic import check_output, staged_dir
 from pcbedge.bundle.outputs import raise_write_failure
 from pcbedge.export.graphs import GraphExport
-from pcbedge.bundle.manifest import KIND, SCHEMA_VERSION, list_files, sha256_file, write_manifest
+from pcbedge.export.checkpoint import weights_bytes, weights_label, weights_sha256
+from pcbedge.bundle.manifest import KIND, SCHEMA_VERSION, list_files, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, opset: int = DEF
     check_output(out_dir.absolute(), overwrite=overwrite, inputs=inputs)
     steps = ["load model", *[f"export {g}" for g in family.graph_roles],
              "parity" if check else "skip parity", "manifest"]
-    needed = _weights_bytes(model_dir / family.weights_file)   # the graphs hold the weights
+    needed = weights_bytes(model_dir, family.weights_file)   # the graphs hold the weights
     with _progress_bar(steps, progress) as bar, staged_dir(
             out_dir, overwrite=overwrite, inputs=inputs, needed=needed) as stage:
         bar.set_description(steps[0])
@@ -79,13 +80,6 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, opset: int = DEF
         write_manifest(stage, manifest, partial=True)   # revealed as manifest.json last
         bar.update()
     return out_dir
-
-
-def _weights_bytes(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return None
 
 
 def _require(*modules: str) -> None:
@@ -243,10 +237,7 @@ def tool_versions() -> dict:
 def build_manifest(family, model, model_dir: Path, input_size: int,
                    graphs: dict) -> dict:
     """Everything but ``parity`` and ``files`` (added once the bundle is complete)."""
-    weights = model_dir / family.weights_file
-    if not weights.is_file():
-        raise ModelError(f"{model_dir} lacks {family.weights_file}",
-                         fix="a model folder holds its weights as safetensors")
+    sha = weights_sha256(model_dir, family.weights_file)   # ModelError naming what is missing
     opsets = {g["opset"] for g in graphs.values()}
     return {
         "schema_version": SCHEMA_VERSION,
@@ -262,6 +253,7 @@ def build_manifest(family, model, model_dir: Path, input_size: int,
         "runtime": {"engine": "onnxruntime", "providers": ["CPUExecutionProvider"],
                     "threads": None, "spin_wait": "during_run"},
         "tools": tool_versions(),
-        "source_model": {"name": model_dir.resolve().name, "weights": family.weights_file,
-                         "sha256": sha256_file(weights)},
+        "source_model": {"name": model_dir.resolve().name,
+                         "weights": weights_label(model_dir, family.weights_file),
+                         "sha256": sha},
     }

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from torch import nn
 
@@ -126,7 +126,10 @@ class PcbVlm(nn.Module):
         path = Path(path)
         if not path.is_dir():
             raise ModelError(f"model folder {path} not found", fix="pass --model DIR")
+        from pcbedge.export.checkpoint import load_state
         for f in FILES:
+            if f == "model.safetensors" and (path / "model.safetensors.index.json").is_file():
+                continue                        # shards: load_state checks them
             if not (path / f).is_file():
                 pickles = sorted(p.name for p in path.glob("*.bin")) + \
                     sorted(p.name for p in path.glob("*.pt")) + sorted(p.name for p in path.glob("*.pth"))
@@ -137,11 +140,7 @@ class PcbVlm(nn.Module):
         tok = Tokenizer.from_file(str(path / "tokenizer.json"))
         gen = json.loads((path / "generation_config.json").read_text())
         model = cls(cfg, tok, gen.get("calibration"))
-        try:
-            state = load_file(str(path / "model.safetensors"))
-        except Exception as e:  # safetensors raises its own error types
-            raise ModelError(f"{path / 'model.safetensors'} cannot be read: {e}",
-                             fix="re-save the model") from None
+        state = load_state(path)           # one file, or save_pretrained's shards
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ModelError(f"weights do not match the config: missing {missing[:3]}, "
