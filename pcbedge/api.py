@@ -32,6 +32,15 @@ def run_benchmark(bundle: str | Path, **kwargs) -> dict:
     return _bench(bundle, **kwargs)
 
 
+def plan(bundle: str | Path, target=None, **typical) -> dict:
+    """Predicted per-stage latency, P50 against the budget and peak memory of ``bundle`` on
+    ``target`` (a name, a .toml path or a profile; default: the bundle's own), from its graphs
+    and the target's [hardware] figures. ``typical`` overrides the family's typical answer
+    (e.g. ``new_tokens=16``, ``keep_ratio=0.25``)."""
+    from pcbedge.plan import plan_bundle
+    return plan_bundle(bundle, target, typical=typical)
+
+
 def load_runner(path: str | Path | None = None, **kwargs):
     """A runner for a bundle (ONNX Runtime, no torch) or a model folder (PyTorch reference)."""
     from pcbedge.runtime import load_runner as _load

@@ -392,6 +392,27 @@ def finetune(data_dir, out_dir, seed, minutes_a, minutes_b) -> None:
 
 
 @cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--target", help="A target name or .toml path (default: the bundle's own).")
+@click.option("--new-tokens", type=click.IntRange(min=1),
+              help="Tokens a typical answer generates (default: the family's).")
+@click.option("--keep-ratio", type=click.FloatRange(min=0, min_open=True, max=1),
+              help="Visual-token keep ratio (default: the bundle's).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path),
+              help="Also write the whole plan as JSON to this file.")
+def plan(bundle, target, new_tokens, keep_ratio, json_out) -> None:
+    """Predict a bundle's per-stage latency and memory on a target, before buying it."""
+    from pcbedge import api
+    from pcbedge.plan.report import print_plan, write_plan_json
+    typical = {k: v for k, v in (("new_tokens", new_tokens), ("keep_ratio", keep_ratio))
+               if v is not None}
+    result = api.plan(bundle, target, **typical)
+    if json_out is not None:
+        write_plan_json(json_out, result, inputs={"bundle": bundle})
+    print_plan(result, click.echo)
+
+
+@cli.command()
 def targets() -> None:
     """List the shipped target profiles."""
     from pcbedge import api

@@ -213,6 +213,40 @@ def compare_predictions(x86: Path, arm: Path, box_tol: float, conf_tol: float) -
             "agree": not differ and worst_box <= box_tol and worst_conf <= conf_tol}
 
 
+def compare_all_answers(x86: Path, arm: Path, box_tol: float, conf_tol: float) -> dict:
+    """Every answer of every question (the benches' --resume caches, same keys on both sides):
+    the same answer text and the same defects, boxes within ``box_tol`` px and confidences within
+    ``conf_tol``."""
+    def load(p):
+        out = {}
+        for n, line in enumerate(p.read_text().splitlines()):
+            if n and line.strip():
+                doc = json.loads(line)
+                out[doc["key"]] = doc["answers"]
+        return out
+    a, b = load(x86), load(arm)
+    n = text_differ = defect_differ = 0
+    worst_box = worst_conf = 0.0
+    for key, answers in a.items():
+        for p, q in zip(answers, b.get(key, [])):
+            n += 1
+            text_differ += p.get("answer") != q.get("answer")
+            dp, dq = p.get("defects") or [], q.get("defects") or []
+            if [d["type"] for d in dp] != [d["type"] for d in dq]:
+                defect_differ += 1
+                continue
+            for u, v in zip(dp, dq):
+                worst_box = max(worst_box, max(abs(x - y) for x, y in zip(u["bbox"], v["bbox"])))
+                if u.get("confidence") is not None and v.get("confidence") is not None:
+                    worst_conf = max(worst_conf, abs(u["confidence"] - v["confidence"]))
+    missing = sum(len(v) for k, v in a.items()) - n
+    return {"answers_compared": n, "answers_missing_on_arm64": missing,
+            "answer_text_differs": text_differ, "defect_lists_differ": defect_differ,
+            "max_box_diff_px": worst_box, "max_confidence_diff": worst_conf,
+            "agree": n > 0 and not missing and not text_differ and not defect_differ
+            and worst_box <= box_tol and worst_conf <= conf_tol}
+
+
 def mount_proc(root: Path) -> list[Path]:
     """Mount /proc inside the root (psutil reads it). /sys stays unmounted on purpose: with the
     host's /sys visible, onnxruntime's cpuinfo takes the x86 topology for ARM and qemu 7.2
@@ -308,12 +342,14 @@ def summarize(out: Path, rc_x86: int, rc_arm: int, args) -> int:
     pa = json.loads((out / "probe_arm64.json").read_text())
     pred = compare_predictions(out / "x86" / "predictions.jsonl",
                                out / "arm64" / "predictions.jsonl", args.box_tol, args.conf_tol)
+    every = compare_all_answers(out / "x86" / "answers" / "bundle.jsonl",
+                                out / "arm64" / "answers" / "bundle.jsonl", args.box_tol,
+                                args.conf_tol)
     pre_diff = max(abs(px["preprocess_sums"][k] - pa["preprocess_sums"][k])
                    for k in px["preprocess_sums"])
-    keys = ("deeppcb_map", "count_exact_match", "hallucination_rate", "where_accuracy",
-            "count_accuracy", "exists_accuracy")
+    keys = ("deeppcb_map", "count_exact_match", "hallucination_rate", "question_accuracy_by_kind")
     result = {
-        "boards": args.boards, "answers": pred,
+        "boards": args.boards, "answers": pred, "every_answer": every,
         "accuracy": {"x86": {k: rx["accuracy"].get(k) for k in keys},
                      "arm64": {k: ra["accuracy"].get(k) for k in keys}},
         "gates_arm64": {k: g["status"] for k, g in ra["gates"].items()},
@@ -331,9 +367,10 @@ def summarize(out: Path, rc_x86: int, rc_arm: int, args) -> int:
     }
     # preprocessing is reported, not gated: numpy/PIL may differ in the last float bits across
     # instruction sets; what must agree is the answer
-    result["passed"] = bool(pred["agree"] and ra["passed"])
+    result["passed"] = bool(pred["agree"] and every["agree"] and ra["passed"])
     (out / "arm64_check.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("answers", "accuracy", "gates_arm64_passed",
+    print(json.dumps({k: result[k] for k in ("answers", "every_answer", "accuracy",
+                                             "gates_arm64_passed",
                                              "preprocess_max_abs_sum_diff", "passed")},
                      indent=2))
     print("residual score bias (logit): x86 "

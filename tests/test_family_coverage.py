@@ -20,7 +20,7 @@ from pcbedge.targets import shipped_names
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-VERBS = ("export", "build", "bench", "ask", "ask_model")
+VERBS = ("export", "build", "bench", "ask", "ask_model", "plan")
 OPEN_GATES = {"p95_ms_max": 1e9, "max_map_drop": 1.0, "max_count_drop": 1.0,
               "max_hallucination_rise": 1e9, "min_map": 0.0}
 ALL_TARGETS = "*"
@@ -28,8 +28,10 @@ ALL_TARGETS = "*"
 ROLES = {"export": ("load_model", "default_input_size", "graphs", "reference", "manifest_extras"),
          "parity": ("check_parity",), "runner": ("open_runner",),
          "torch_runner": ("open_runner",),
-         "recipe": ("apply_shapes", "calibration_feeds", "trt_axis_ranges")}
-CORE = ("bundle", "export", "recipes", "runtime", "benchmarks", "targets", "calibration", "data")   # a covers() marker whose test runs every shipped target
+         "recipe": ("apply_shapes", "calibration_feeds", "trt_axis_ranges"),
+         "plan": ("plan_calls",)}
+CORE = ("bundle", "export", "recipes", "runtime", "benchmarks", "targets", "calibration", "data",
+        "plan")   # a covers() marker whose test runs every shipped target
 
 
 def declared_coverage() -> set[tuple[str, str, str]]:
@@ -133,6 +135,7 @@ def toy_export(toy_family, tmp_path):
 @pytest.mark.covers("toyvlm", "bench")
 @pytest.mark.covers("toyvlm", "ask")
 @pytest.mark.covers("toyvlm", "ask_model")
+@pytest.mark.covers("toyvlm", "plan")
 def test_a_new_family_goes_through_every_verb(toy_export, tmp_path, sample_data):
     ckpt, export = toy_export
     m = json.loads((export / "manifest.json").read_text())
@@ -153,6 +156,9 @@ def test_a_new_family_goes_through_every_verb(toy_export, tmp_path, sample_data)
                                queries=3, min_seconds=0.0, warmup=0, max_boards=2,
                                progress=False)
     assert report["passed"] and report["drift"]["available"]
+    plan = api.plan(tmp_path / "x86-cpu")
+    assert plan["family"] == "toyvlm" and plan["stages"]["vision"]["macs_total"] > 0
+    assert report["plan"]["available"] and "answer" in report["plan"]["stages"]
     board = sample_data / "group00041" / "00041"
     ref = api.load_runner(ckpt).ask(board / "00041011_test.jpg", board / "00041011_temp.jpg",
                                     "how many defects are there")

@@ -22,6 +22,10 @@ EXPECTED = {
                  "precision": ("fp32", "fp32"), "budget": 200.0},
     "jetson-orin": {"runtime": "tensorrt", "arch": "aarch64", "threads": None,
                     "precision": ("int8", "fp16"), "budget": 500.0},
+    # the Orin modules: jetson-orin's recipe (extends) with their [hardware] for pcbedge plan
+    **{name: {"runtime": "tensorrt", "arch": "aarch64", "threads": None,
+              "precision": ("int8", "fp16"), "budget": 500.0}
+       for name in ("orin-nano-8gb", "orin-nx-16gb", "agx-orin-64gb")},
 }
 
 

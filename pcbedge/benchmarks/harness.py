@@ -255,6 +255,30 @@ def _check_machine(out: Path, bundle: Path, policy, progress: bool) -> dict:
     return before
 
 
+def plan_vs_measured(bundle: Path, report: dict) -> dict:
+    """``pcbedge plan`` of the bundle on its own target beside the measured stage medians
+    (docs/plan.md); unavailable, with the reason, for a bundle without a target or a target
+    without [hardware]."""
+    from pcbedge.plan import plan_bundle
+    try:
+        plan = plan_bundle(bundle)
+    except PcbEdgeError as e:
+        return {"available": False, "reason": str(e).split("\n")[0]}
+    measured = report.get("latency_ms_by_stage") or {}
+    rows = {}
+    for stage, st in plan["stages"].items():
+        got = (measured.get(stage) or {}).get("p50")
+        pred = st["predicted_ms"]
+        rows[stage] = {"predicted_ms": pred, "measured_p50_ms": got,
+                       "error_pct": (100.0 * (pred - got) / got) if got else None}
+    got = (report.get("latency_ms") or {}).get("p50")
+    pred = plan["predicted_p50_ms"]
+    rows["answer"] = {"predicted_ms": pred, "measured_p50_ms": got,
+                      "error_pct": (100.0 * (pred - got) / got) if got else None}
+    return {"available": True, "target": plan["target"], "stages": rows,
+            "memory": plan["memory"], "meets_budget": plan["meets_budget"]}
+
+
 # ----------------------------------------------------------------------------- the verb
 
 @dataclass
@@ -319,7 +343,7 @@ def _drift(ref_path: Path | None, ref_note: str, workload: wl.Workload, run: _Ru
                                    progress=progress, desc="reference", cache=cache)
     for r in opened:
         _close_runner(r)
-    del opened
+    opened.clear()
     gc.collect()
     drift = acc_mod.drift_block(run.answers, ref_answers, run.accuracy,
                                 acc_mod.score_accuracy(workload, ref_answers))
@@ -424,6 +448,7 @@ def run_benchmark(bundle, *, data=None, list_file=None, reference=None, out_dir=
                                progress=progress, **pass_args)
     report = _assemble(bundle, workload, run, drift, sweep_rows, pass_args)
     report["bundle_size_mb"] = _bundle_size_mb(bundle)
+    report["plan"] = plan_vs_measured(bundle, report)
     if cache is not None:   # --resume: how many boards' answers came from the earlier run
         report["answers_reused"] = {"bundle": cache.reused,
                                     "reference": drift.pop("answers_reused", 0)}

@@ -19,8 +19,9 @@ A role module provides: ``export`` -> ``load_model(model_dir, family)``,
 ``manifest_extras(model, input_size)`` (and optionally ``bundle_files(model)``); ``parity`` ->
 ``check_parity(family, model, bundle_dir, manifest, **kwargs)``; ``runner`` / ``torch_runner``
 -> ``open_runner(path, manifest_or_none / family=..., **kwargs)``; ``recipe`` ->
-``apply_shapes``, ``calibration_feeds``, ``after_quantize``, ``trt_axis_ranges`` with the
-signatures of the methods here.
+``apply_shapes``, ``calibration_feeds``, ``after_quantize``, ``trt_axis_ranges``; ``plan`` ->
+``plan_calls`` (one typical answer's graph calls, for ``pcbedge plan``), with the signatures of
+the methods here.
 """
 from __future__ import annotations
 
@@ -120,6 +121,14 @@ class Family:
         if not hasattr(recipe, "after_quantize"):
             return {}
         return recipe.after_quantize(group, stage, export_dir, manifest, profile, cal_set, say)
+
+    # -- plan --------------------------------------------------------------------------------
+
+    def plan_calls(self, manifest: dict, typical: dict) -> tuple[list, dict]:
+        """The graph calls of one typical answer (:class:`pcbedge.plan.Call` list, with the
+        sizes of their named axes) and what the answer is (tokens, pixels, KV positions):
+        ``pcbedge plan`` costs them. ``typical`` overrides the family's typical sizes."""
+        return self.module("plan").plan_calls(manifest, typical)
 
     def trt_axis_ranges(self, manifest: dict, profile, pruning) -> dict:
         """(min, opt, max) of every named dynamic axis of the graphs, for TensorRT."""

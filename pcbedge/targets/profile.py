@@ -18,6 +18,7 @@ from pcbedge.errors import TargetError
 from pcbedge.runtime.pruning import METHODS as PRUNING_METHOD_NAMES
 from pcbedge.runtime.pruning import TokenPruningConfig
 from pcbedge.runtime.vocabulary import ARCHS, DEFAULT_SPIN_WAIT, SPIN_WAITS
+from pcbedge.targets.hardware import HardwareConfig, hardware_spec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -142,6 +143,7 @@ class TargetProfile:
     spin_wait: str = DEFAULT_SPIN_WAIT
     bench: BenchConfig = BenchConfig()
     security: SecurityConfig = SecurityConfig()
+    hardware: HardwareConfig | None = None   # the device's figures, for pcbedge plan
     source: str = ""  # the file it was loaded from, for messages and manifests
     # [family.<key>] tables: per model family, sections that replace fields of the base profile
     family_overrides: dict = field(default_factory=dict, compare=False)
@@ -281,8 +283,10 @@ SECTIONS: dict[str, tuple[type, dict]] = {
         "max_other_runnable_per_cpu": (_number(0.0), 0.25)}),
     "security": (SecurityConfig, {
         "require_signature": (_bool, False)}),
+    "hardware": (HardwareConfig, hardware_spec(_text, _number, REQUIRED)),
 }
-OPTIONAL_SECTIONS = ("tensorrt", "gates", "bench", "security")
+OPTIONAL_SECTIONS = ("tensorrt", "gates", "bench", "security", "hardware")
+NONE_WHEN_ABSENT = ("tensorrt", "hardware")
 # sections a [family.<key>] table may change (the hardware fields stay the target's)
 OVERRIDABLE = ("precision", "quantization", "pruning", "shapes", "gates")
 
@@ -380,6 +384,10 @@ def _check_consistency(src: str, p: TargetProfile) -> None:
         raise _fail(src, "quantization.reduce_range", True,
                     "false for TensorRT (its int8 kernels do not saturate; 7-bit weights only "
                     "lose precision there)")
+    hw = p.hardware
+    if hw is not None and hw.memory_reserved_gb >= hw.memory_gb:
+        raise _fail(src, "hardware.memory_reserved_gb", hw.memory_reserved_gb,
+                    f"less than hardware.memory_gb ({hw.memory_gb})")
     if q.decoder_method == "dynamic" and p.runtime != "onnxruntime":
         raise _fail(src, "quantization.decoder_method", "dynamic",
                     "'static' for TensorRT (explicit quantization needs Q/DQ scales)")
@@ -403,7 +411,7 @@ def parse_profile(data: dict, src: str = "<profile>", *, stem: str | None = None
             if sec not in OPTIONAL_SECTIONS:
                 raise TargetError(f"target profile {src}: missing section [{sec}]",
                                   fix=f"add [{sec}] (see docs/targets.md)")
-            if sec == "tensorrt":
+            if sec in NONE_WHEN_ABSENT:
                 sections[sec] = None
                 continue
             table = {}
@@ -439,18 +447,50 @@ def _family_overrides(src: str, table) -> dict:
     return out
 
 
-def load_profile(path: str | Path) -> TargetProfile:
-    """Read and validate one profile file; its ``name`` must equal the file's stem."""
-    path = Path(path)
-    src = str(path)
-    if not path.is_file():
-        raise TargetError(f"target profile {src} not found", fix="pass a shipped target name "
-                          "(pcbedge targets) or the path of a .toml profile")
+def _read_toml(path: Path, src: str) -> dict:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
         raise TargetError(f"target profile {src} cannot be read: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise TargetError(f"target profile {src} is not valid TOML: {e}",
                           fix="fix the syntax (https://toml.io)") from None
+
+
+def _merge(base: dict, child: dict) -> dict:
+    """``child`` over ``base``: tables merge key by key, anything else is replaced."""
+    out = copy.deepcopy(base)
+    for k, v in child.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
+            else copy.deepcopy(v)
+    return out
+
+
+def _resolve_extends(data: dict, path: Path, src: str, seen: tuple = ()) -> dict:
+    """``extends = "NAME"``: the profile NAME.toml beside this one, with this file's fields
+    over it (a module profile adds its [hardware] and budget to a shared recipe)."""
+    base_name = data.get("extends")
+    if base_name is None:
+        return data
+    if not isinstance(base_name, str) or not NAME_RE.match(base_name):
+        raise _fail(src, "extends", base_name, "the name of a profile beside this file")
+    base_path = path.parent / f"{base_name}.toml"
+    if not base_path.is_file() or base_path.resolve() in seen:
+        why = "extends itself" if base_path.resolve() in seen else f"{base_path} is not found"
+        raise _fail(src, "extends", base_name, f"a profile beside this file ({why})")
+    base = _resolve_extends(_read_toml(base_path, str(base_path)), base_path, str(base_path),
+                            (*seen, path.resolve()))
+    base.pop("name", None)
+    return _merge(base, {k: v for k, v in data.items() if k != "extends"})
+
+
+def load_profile(path: str | Path) -> TargetProfile:
+    """Read and validate one profile file; its ``name`` must equal the file's stem.
+    ``extends = "NAME"`` takes every field of the profile NAME.toml beside it first."""
+    path = Path(path)
+    src = str(path)
+    if not path.is_file():
+        raise TargetError(f"target profile {src} not found", fix="pass a shipped target name "
+                          "(pcbedge targets) or the path of a .toml profile")
+    data = _resolve_extends(_read_toml(path, src), path, src)
     return parse_profile(data, src, stem=path.stem)

@@ -138,6 +138,14 @@ class ToyFamily(Family):
     graph_roles = ("vision", "decoder")
     graph_groups = {"vision": ("vision",), "decoder": ("decoder",)}
 
+    def plan_calls(self, manifest: dict, typical: dict):
+        """One answer: the vision graph on the board, the decoder once over the question."""
+        from pcbedge.plan import Call
+        size = int(manifest["input_size"])
+        return ([Call("vision", "vision", {"batch": 1, "height": size, "width": size}),
+                 Call("prefill", "decoder", {"batch": 1, "seq": int(typical.get("words", 5))})],
+                {"decode_tokens": 0, "host_pixels": 2 * size * size})
+
     def load_model(self, model_dir):
         from safetensors.torch import load_file
         m = ToyModule()

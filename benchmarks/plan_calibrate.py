@@ -1,0 +1,114 @@
+"""Fit a CPU target's plan efficiency factors to measured stage medians, and check a plan
+against measurements.
+
+    python benchmarks/plan_calibrate.py fit --target pcbedge/targets/x86-cpu.toml \\
+        --run bundles/x86-cpu:bench-out/report.json [--run BUNDLE:REPORT ...]
+    python benchmarks/plan_calibrate.py check --target x86-cpu --run BUNDLE:REPORT
+
+``fit``: with the profile's measured peaks and bandwidth fixed, a grid search over
+``efficiency_compute`` (0.05-1.0) and ``node_overhead_us`` (0-20 us) minimising the squared
+log error of the predicted vision, prefill and decode stages against each run's measured P50
+(bench ``latency_ms_by_stage``); ``host_ns_per_pixel`` is the measured preprocess P50 over the
+plan's pixels. ``check``: the plan of each bundle beside its measured stage medians, with the
+error in percent. The runs must be benched on an idle machine (report ``machine_state``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+STAGES = ("vision", "prefill", "decode")
+
+
+def _runs(specs: list[str]) -> list[tuple[Path, dict]]:
+    out = []
+    for spec in specs:
+        bundle, _, report = spec.rpartition(":")
+        out.append((Path(bundle), json.loads(Path(report).read_text())))
+    return out
+
+
+def _plan(bundle: Path, profile, typical: dict | None = None) -> dict:
+    from pcbedge.plan import plan_bundle
+    return plan_bundle(bundle, profile, typical=typical)
+
+
+def _measured(report: dict) -> dict:
+    return {s: v["p50"] for s, v in (report.get("latency_ms_by_stage") or {}).items()
+            if isinstance(v, dict) and v.get("p50")}
+
+
+def _stage_ms(plan: dict, hw, ec: float, tn: float) -> dict:
+    """The plan's stages re-predicted with efficiency ``ec`` and ``tn`` us per node (the graph
+    costs are the plan's; only the factors change)."""
+    out = {}
+    for s in STAGES:
+        total = 0.0
+        for c in plan["stages"][s]["calls"]:
+            compute = sum(m / hw.rate(p)[0] for p, m in c["macs"].items())
+            memory = c["bytes"] / (hw.memory_bandwidth_gbs * 1e9)
+            total += c["count"] * (max(compute / ec, memory / hw.efficiency_memory)
+                                   + c["nodes"] * tn * 1e-6 + c["on_chip_ms"] * 1e-3)
+        out[s] = total * 1e3
+    return out
+
+
+def fit(profile, runs) -> dict:
+    hw = profile.hardware
+    plans = [(_plan(b, profile), _measured(r)) for b, r in runs]
+    best = None
+    for ec in [x / 100 for x in range(5, 101)]:
+        for tn in [x / 10 for x in range(0, 201)]:
+            err = 0.0
+            for plan, got in plans:
+                pred = _stage_ms(plan, hw, ec, tn)
+                err += sum(math.log(pred[s] / got[s]) ** 2 for s in STAGES if got.get(s))
+            if best is None or err < best[0]:
+                best = (err, ec, tn)
+    ns = [got["preprocess"] * 1e6 / plan["typical_answer"]["host_pixels"]
+          for plan, got in plans if got.get("preprocess")
+          and plan["typical_answer"].get("host_pixels")]
+    return {"efficiency_compute": best[1], "node_overhead_us": best[2],
+            "host_ns_per_pixel": round(sum(ns) / len(ns), 1) if ns else None,
+            "rms_log_error": math.sqrt(best[0] / max(1, 3 * len(runs)))}
+
+
+def check(profile, runs) -> list[dict]:
+    rows = []
+    for bundle, report in runs:
+        got, plan = _measured(report), _plan(bundle, profile)
+        for s in ("preprocess", *STAGES):
+            pred = plan["stages"][s]["predicted_ms"]
+            rows.append({"bundle": str(bundle), "stage": s, "predicted_ms": round(pred, 2),
+                         "measured_p50_ms": got.get(s),
+                         "error_pct": round(100 * (pred - got[s]) / got[s], 1)
+                         if got.get(s) else None})
+        total = (report.get("latency_ms") or {}).get("p50")
+        rows.append({"bundle": str(bundle), "stage": "answer",
+                     "predicted_ms": round(plan["predicted_p50_ms"], 2),
+                     "measured_p50_ms": total,
+                     "error_pct": round(100 * (plan["predicted_p50_ms"] - total) / total, 1)
+                     if total else None})
+    return rows
+
+
+def main(argv=None) -> int:
+    from pcbedge.targets import load_target
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("cmd", choices=("fit", "check"))
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--run", action="append", required=True, help="BUNDLE:REPORT.json")
+    args = ap.parse_args(argv)
+    profile, runs = load_target(args.target), _runs(args.run)
+    if args.cmd == "fit":
+        print(json.dumps(fit(profile, runs), indent=2))
+    else:
+        for row in check(profile, runs):
+            print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

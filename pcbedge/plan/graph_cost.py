@@ -1,0 +1,302 @@
+"""What one run of an ONNX graph costs at given input sizes, read from the graph alone.
+
+The graph is loaded without its external weight data (a 2B-class decoder is read in
+milliseconds). Its named dynamic axes are set to the sizes of the call, then shapes are inferred
+with the shape arithmetic folded into constants (``Shape`` of a tensor whose shape is known,
+and any node whose inputs are all small constants, evaluated with onnx's reference evaluator),
+repeated until nothing changes: exporters compute reshape targets from ``Shape`` at run time,
+which plain shape inference cannot follow.
+
+Then, per node: multiply-accumulates (MACs) of Conv / MatMul / Gemm and their quantized forms
+(ConvInteger, QLinearConv, MatMulInteger, QLinearMatMul, MatMulNBits), by the precision they
+compute in; the bytes of the weights the graph reads, of its inputs and outputs (the KV cache
+flows there) and of the intermediate tensors; and the largest working set of one node. Ops
+whose cost is not counted (fused attention contrib ops, Einsum) are listed, not guessed.
+Torch-free: onnx and numpy only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+GEMV = ":gemv"         # MACs of a matrix-vector product (M <= GEMV_ROWS) are keyed "<p>:gemv"
+GEMV_ROWS = 8
+SMALL = 4096            # a constant this small (elements) is folded; weights never are
+MAX_ROUNDS = 24
+CONV_OPS = ("Conv", "ConvInteger", "QLinearConv")
+MATMUL_OPS = ("MatMul", "MatMulInteger", "QLinearMatMul", "Gemm", "MatMulNBits",
+              "FusedMatMul")
+INT8_OPS = ("ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul")
+# Q/DQ pairs are fused into the int8 kernels by onnxruntime's CPU provider and by TensorRT: they
+# neither run as nodes nor move their float tensors
+FUSED = ("QuantizeLinear", "DequantizeLinear")
+UNCOUNTED = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "Einsum",
+             "ConvTranspose", "LSTM", "GRU", "RNN")
+
+
+@dataclass
+class GraphCost:
+    """The cost of one run of one graph at one set of input sizes."""
+
+    macs: dict = field(default_factory=dict)     # precision -> MACs
+    weight_bytes: int = 0                        # initializers the graph reads
+    io_bytes: int = 0                            # graph inputs + outputs
+    activation_bytes: int = 0                    # intermediate tensors (written, then read)
+    peak_node_bytes: int = 0                     # largest inputs + outputs of one node
+    nodes: int = 0                               # nodes that run (shape arithmetic folded)
+    activation_sizes: list = field(default_factory=list)   # bytes of each intermediate
+    uncounted: list = field(default_factory=list)   # op types whose MACs are not counted
+    unknown_shapes: int = 0                      # compute nodes whose shapes stayed unknown
+
+    def dram_bytes(self, cache_bytes: float) -> float:
+        """Bytes one run moves to and from DRAM when the device has ``cache_bytes`` of last-level
+        cache: inputs and outputs always; the weights unless they fit in the cache (then they
+        stay there from the previous run); each intermediate tensor written and read back only
+        when it is larger than half the cache (smaller ones live in it)."""
+        if cache_bytes <= 0:
+            return float(self.weight_bytes + self.io_bytes + self.activation_bytes)
+        weights = self.weight_bytes if self.weight_bytes > cache_bytes else 0
+        spill = sum(2 * x for x in self.activation_sizes if x > cache_bytes / 2)
+        return float(weights + self.io_bytes + spill)
+
+    def cached_activation_bytes(self, cache_bytes: float) -> float:
+        """Bytes of the intermediate tensors that stay in the cache (written, then read)."""
+        if cache_bytes <= 0:
+            return 0.0
+        return float(sum(2 * x for x in self.activation_sizes if x <= cache_bytes / 2))
+
+    @property
+    def total_macs(self) -> int:
+        return sum(self.macs.values())
+
+    def as_dict(self) -> dict:
+        return {"macs": dict(self.macs), "total_macs": self.total_macs,
+                "weight_bytes": self.weight_bytes, "io_bytes": self.io_bytes,
+                "activation_bytes": self.activation_bytes,
+                "peak_node_bytes": self.peak_node_bytes, "nodes": self.nodes,
+                "uncounted_ops": sorted(set(self.uncounted)),
+                "unknown_shapes": self.unknown_shapes}
+
+
+def _itemsize(elem_type: int) -> int:
+    from onnx import helper
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 4
+
+
+def _tensor_bytes(t) -> int:
+    from onnx import TensorProto
+    n = int(np.prod(t.dims)) if len(t.dims) else 1
+    if t.data_type in (TensorProto.INT4, TensorProto.UINT4):
+        return (n + 1) // 2
+    return n * _itemsize(t.data_type)
+
+
+def _is_external(t) -> bool:
+    return any(e.key == "location" for e in t.external_data)
+
+
+def _fix_dims(model, dims: dict) -> None:
+    """Set every named axis of the graph inputs to ``dims[name]``; KeyError names a missing
+    one."""
+    del model.graph.value_info[:]
+    for o in model.graph.output:
+        o.type.tensor_type.ClearField("shape")
+    for i in model.graph.input:
+        for d in i.type.tensor_type.shape.dim:
+            if d.dim_param:
+                value = int(dims[d.dim_param])
+                d.ClearField("dim_param")
+                d.dim_value = value
+
+
+def _shapes(model) -> dict:
+    out = {}
+    for vi in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
+        tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
+            out[vi.name] = ([d.dim_value if d.HasField("dim_value") else None
+                             for d in tt.shape.dim], tt.elem_type)
+    for t in model.graph.initializer:
+        out[t.name] = (list(t.dims), t.data_type)
+    return out
+
+
+def _known(shape) -> bool:
+    return shape is not None and all(isinstance(v, int) and v >= 0 for v in shape)
+
+
+def _evaluate(node, consts: dict, opsets) -> list | None:
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+    try:
+        ins = [helper.make_tensor_value_info(x, helper.np_dtype_to_tensor_dtype(consts[x].dtype),
+                                             consts[x].shape) for x in node.input if x]
+        outs = [helper.make_tensor_value_info(o, 0, None) for o in node.output]
+        model = helper.make_model(helper.make_graph([node], "fold", ins, outs),
+                                  opset_imports=opsets)
+        return ReferenceEvaluator(model).run(None, {x: consts[x] for x in node.input if x})
+    except Exception:    # an op the reference evaluator lacks: left to run
+        return None
+
+
+def _nbits_shape(node, shapes: dict):
+    a = shapes.get(node.input[0], (None, 1))
+    return (a[0][:-1] + [int(_attrs(node)["N"])], a[1]) if _known(a[0]) else None
+
+
+# output shapes of the contrib ops the bundles hold, which onnx's shape inference does not know
+CONTRIB_SHAPES = {"MatMulNBits": _nbits_shape}
+
+
+def _add_contrib_shapes(model, shapes: dict) -> bool:
+    from onnx import helper
+    added = False
+    for n in model.graph.node:
+        rule = CONTRIB_SHAPES.get(n.op_type)
+        if rule is None or _known(shapes.get(n.output[0], (None,))[0]):
+            continue
+        got = rule(n, shapes)
+        if got is not None:
+            model.graph.value_info.append(helper.make_tensor_value_info(n.output[0], got[1],
+                                                                        got[0]))
+            shapes[n.output[0]] = got
+            added = True
+    return added
+
+
+def _fold(model) -> tuple[object, dict]:
+    """Shape inference with the shape arithmetic folded; returns (model, shapes)."""
+    from onnx import helper, numpy_helper, shape_inference
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+              if not _is_external(t) and int(np.prod(t.dims)) <= SMALL}
+    shapes: dict = {}
+    for _ in range(MAX_ROUNDS):
+        model = shape_inference.infer_shapes(model, data_prop=True)
+        shapes = _shapes(model)
+        while _add_contrib_shapes(model, shapes):      # then what follows them
+            model = shape_inference.infer_shapes(model, data_prop=True)
+            shapes = _shapes(model)
+        keep, changed = [], False
+        for n in model.graph.node:
+            val = None
+            if n.op_type == "Shape" and _known(shapes.get(n.input[0], (None,))[0]):
+                s = np.array(shapes[n.input[0]][0], dtype=np.int64)
+                a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+                val = [s[a.get("start", 0): a.get("end", len(s))]]
+            elif n.op_type == "Constant" or (
+                    n.input and all(x == "" or x in consts for x in n.input)
+                    and not n.op_type.startswith("Random") and n.domain in ("", "ai.onnx")):
+                val = _evaluate(n, consts, model.opset_import)
+            if val is not None and all(np.size(v) <= SMALL for v in val):
+                for name, v in zip(n.output, val):
+                    consts[name] = np.asarray(v)
+                    model.graph.initializer.append(numpy_helper.from_array(np.asarray(v), name))
+                changed = True
+                continue
+            keep.append(n)
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+        del model.graph.value_info[:]
+        if not changed:
+            model = shape_inference.infer_shapes(model, data_prop=True)
+            shapes = _shapes(model)
+            while _add_contrib_shapes(model, shapes):
+                model = shape_inference.infer_shapes(model, data_prop=True)
+                shapes = _shapes(model)
+            return model, shapes
+    return model, shapes
+
+
+def _attrs(node) -> dict:
+    from onnx import helper
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _precision(node, producers: dict, shapes: dict) -> str:
+    if node.op_type in INT8_OPS:
+        return "int8"
+    if node.op_type == "MatMulNBits":
+        return "int4"
+    # QDQ: a weight (second input) that comes out of DequantizeLinear computes in int8 where the
+    # runtime fuses it, which onnxruntime's CPU provider and TensorRT do
+    src = producers.get(node.input[1]) if len(node.input) > 1 else None
+    if src is not None and src.op_type == "DequantizeLinear":
+        return "int8"
+    elem = shapes.get(node.output[0], (None, 1))[1]
+    return "fp16" if elem in (10, 16) else "fp32"       # FLOAT16, BFLOAT16
+
+
+def _macs(node, shapes: dict) -> int | None:
+    out = shapes.get(node.output[0], (None,))[0]
+    if not _known(out):
+        return None
+    n_out = int(np.prod(out))
+    if node.op_type in CONV_OPS:
+        w = shapes.get(node.input[3 if node.op_type == "QLinearConv" else 1], (None,))[0]
+        return n_out * int(np.prod(w[1:])) if _known(w) else None
+    if node.op_type == "MatMulNBits":
+        return n_out * int(_attrs(node)["K"])
+    a = shapes.get(node.input[0], (None,))[0]
+    if not _known(a):
+        return None
+    if node.op_type == "Gemm":
+        return n_out * (a[0] if _attrs(node).get("transA", 0) else a[-1])
+    return n_out * a[-1]
+
+
+def _rows(node, shapes: dict) -> int:
+    """M of a MatMul: the rows of the activation, all batch axes folded in."""
+    out = shapes.get(node.output[0], (None,))[0]
+    return int(np.prod(out[:-1])) if _known(out) and len(out) > 1 else 1 << 30
+
+
+def _bytes_of(name: str, shapes: dict) -> int:
+    shape, elem = shapes.get(name, (None, 1))
+    return int(np.prod(shape)) * _itemsize(elem) if _known(shape) or shape == [] else 0
+
+
+def graph_cost(path: str | Path, dims: dict) -> GraphCost:
+    """The cost of one run of the graph at ``path`` with its named axes set to ``dims``."""
+    import onnx
+    model = onnx.load(str(path), load_external_data=False)
+    weights = {t.name: _tensor_bytes(t) for t in model.graph.initializer}
+    cost = GraphCost(weight_bytes=sum(weights.values()))
+    _fix_dims(model, dims)
+    model, shapes = _fold(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    graph_io = {v.name for v in (*model.graph.input, *model.graph.output)}
+    cost.io_bytes = sum(_bytes_of(n, shapes) for n in graph_io)
+    cost.nodes = sum(n.op_type not in FUSED for n in model.graph.node)
+    for node in model.graph.node:
+        if node.op_type in FUSED:
+            continue
+        if node.op_type in UNCOUNTED:
+            cost.uncounted.append(node.op_type)
+        elif node.op_type in CONV_OPS + MATMUL_OPS:
+            m = _macs(node, shapes)
+            if m is None:
+                cost.unknown_shapes += 1
+            else:
+                p = _precision(node, producers, shapes)
+                if node.op_type in MATMUL_OPS and _rows(node, shapes) <= GEMV_ROWS:
+                    p += GEMV      # a matrix-vector product: a kernel of its own on CPUs
+                cost.macs[p] = cost.macs.get(p, 0) + m
+        sizes = [_bytes_of(o, shapes) for o in node.output if o not in graph_io]
+        cost.activation_sizes.extend(x for x in sizes if x)
+        outs = sum(sizes)
+        cost.activation_bytes += 2 * outs
+        ins = sum(_bytes_of(i, shapes) for i in node.input if i and i not in weights)
+        cost.peak_node_bytes = max(cost.peak_node_bytes, ins + outs)
+    return cost
+
+
+def weight_bytes_of(path: str | Path) -> int:
+    """Bytes of a graph's initializers (its weights), read from the graph without their data."""
+    import onnx
+    model = onnx.load(str(path), load_external_data=False)
+    return sum(_tensor_bytes(t) for t in model.graph.initializer)
