@@ -61,7 +61,7 @@ def test_conv_and_matmul_macs_by_hand_with_a_reshape_computed_from_shape(tmp_pat
         conv = 4 * h * w * (3 * 3 * 3)           # outputs x (Cin x kh x kw)
         mm = h * w * 8 * 4                       # M x N x K
         assert c.macs == {"fp32": conv + mm} and c.unknown_shapes == 0
-        assert c.weight_bytes == 4 * (4 * 3 * 3 * 3 + 4 * 8) + 3 * 8
+        assert c.weight_bytes == 4 * (4 * 3 * 3 * 3 + 4 * 8)   # the folded shape ints: none
         assert c.io_bytes == 4 * (3 * h * w + h * w * 8)
         assert c.nodes == 4                      # Shape / Slice / Concat folded away
 
@@ -89,6 +89,20 @@ def test_gemm_qdq_int8_and_4bit_and_gemv_precisions(tmp_path):
     c1 = graph_cost(path, {"m": 1})                # one row: matrix-vector kernels
     assert c1.macs == {"int8:gemv": k * n, "int4:gemv": k * n, "fp32:gemv": k * n}
     assert c.nodes == 3                            # the weight's DequantizeLinear is fused
+
+
+def test_an_embedding_lookup_reads_its_rows_not_its_table(tmp_path):
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]),
+             helper.make_node("MatMul", ["e", "w"], ["y"])]
+    path = _save(tmp_path, nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64,
+                                                                 ["b", "s"])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                 [_w("table", 1000, 16), _w("w", 16, 4)])
+    c = graph_cost(path, {"b": 1, "s": 3})
+    assert c.weight_bytes == 3 * 16 * 4 + 16 * 4 * 4
+    assert c.macs == {"fp32:gemv": 3 * 4 * 16}                     # 3 rows: a GEMV
+    from pcbedge.plan.graph_cost import weight_bytes_of
+    assert weight_bytes_of(path) == (1000 * 16 + 16 * 4) * 4     # resident: the whole table
 
 
 def test_roofline_arithmetic_and_cache(tmp_path):

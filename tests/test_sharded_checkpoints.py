@@ -53,9 +53,11 @@ def test_single_file_hash_is_the_file_sha256(tmp_path):
 
 
 @pytest.mark.covers("pcbvlm", "export")
-def test_pcbvlm_shards_load_export_and_answer(pcbvlm_pair, tmp_path):
+def test_pcbvlm_shards_load_export_and_answer(pcbvlm_pair, tmp_path, monkeypatch):
+    from pcbedge.export import exporter
     from pcbedge.export.exporter import export_model
     from pcbedge.families.pcbvlm.model.model import PcbVlm
+    monkeypatch.setattr(exporter, "EXTERNAL_DATA_BYTES", 0)   # weights in .onnx.data, as at 2B
 
     single, sharded = pcbvlm_pair
     assert len(weight_shards(sharded)) == 2
@@ -68,6 +70,12 @@ def test_pcbvlm_shards_load_export_and_answer(pcbvlm_pair, tmp_path):
     assert src["sha256"] == weights_sha256(sharded)
     from pcbedge.benchmarks.reference import source_of
     assert source_of(sharded).sha256 == src["sha256"]   # bench's reference check matches
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    assert list(bundle.glob("*.onnx.data"))
+    modes = {p.name: p.stat().st_mode & 0o777 for p in bundle.iterdir() if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes      # shareable, as the user's umask
 
 
 @pytest.mark.covers("qwen2_vl", "export")

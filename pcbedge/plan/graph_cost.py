@@ -41,7 +41,7 @@ class GraphCost:
     """The cost of one run of one graph at one set of input sizes."""
 
     macs: dict = field(default_factory=dict)     # precision -> MACs
-    weight_bytes: int = 0                        # initializers the graph reads
+    weight_bytes: int = 0                        # weight bytes one run reads (rows, for a lookup)
     io_bytes: int = 0                            # graph inputs + outputs
     activation_bytes: int = 0                    # intermediate tensors (written, then read)
     peak_node_bytes: int = 0                     # largest inputs + outputs of one node
@@ -265,10 +265,11 @@ def graph_cost(path: str | Path, dims: dict) -> GraphCost:
     import onnx
     model = onnx.load(str(path), load_external_data=False)
     weights = {t.name: _tensor_bytes(t) for t in model.graph.initializer}
-    cost = GraphCost(weight_bytes=sum(weights.values()))
+    cost = GraphCost()
     _fix_dims(model, dims)
     model, shapes = _fold(model)
     producers = {o: n for n in model.graph.node for o in n.output}
+    cost.weight_bytes = _weights_read(model, weights, shapes)
     graph_io = {v.name for v in (*model.graph.input, *model.graph.output)}
     cost.io_bytes = sum(_bytes_of(n, shapes) for n in graph_io)
     cost.nodes = sum(n.op_type not in FUSED for n in model.graph.node)
@@ -293,6 +294,21 @@ def graph_cost(path: str | Path, dims: dict) -> GraphCost:
         ins = sum(_bytes_of(i, shapes) for i in node.input if i and i not in weights)
         cost.peak_node_bytes = max(cost.peak_node_bytes, ins + outs)
     return cost
+
+
+def _weights_read(model, weights: dict, shapes: dict) -> int:
+    """Bytes of the weights one run reads: every weight a node consumes, except a table that
+    only ``Gather`` looks rows up in (an embedding): there, the rows gathered."""
+    read, gathered = set(), 0
+    for n in model.graph.node:
+        for k, name in enumerate(n.input):
+            if name not in weights:
+                continue
+            if n.op_type == "Gather" and k == 0:
+                gathered += _bytes_of(n.output[0], shapes) or weights[name]
+            else:
+                read.add(name)
+    return sum(weights[w] for w in read) + gathered
 
 
 def weight_bytes_of(path: str | Path) -> int:
