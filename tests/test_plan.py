@@ -246,4 +246,35 @@ def test_cli_plan(tiny_bundles, tmp_path):
     r = subprocess.run([*run, str(export), "--target", "jetson-orin"], capture_output=True,
                        text=True)
     assert r.returncode == TargetError.exit_code and "[hardware]" in r.stderr
-    assert sorted(shipped_names())
+    from pcbedge.errors import BundleError
+    r = subprocess.run([*run, str(tmp_path / "nope")], capture_output=True, text=True)
+    assert r.returncode == BundleError.exit_code and "not found" in r.stderr
+    broken = tmp_path / "broken"
+    import shutil
+    shutil.copytree(built, broken)
+    (broken / "vision.onnx").write_text("garbage")
+    r = subprocess.run([*run, str(broken)], capture_output=True, text=True)
+    assert r.returncode == BundleError.exit_code and "not an ONNX model" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bench_report_plan_block(tiny_bundles, monkeypatch):
+    """The bench report's plan beside the measured stages; on a device install (no onnx) the
+    block says why it is missing instead of failing the bench."""
+    import importlib.util
+
+    from pcbedge.benchmarks.harness import plan_vs_measured
+    export, built = tiny_bundles
+    report = {"latency_ms_by_stage": {"vision": {"p50": 10.0}, "decode": {"p50": 0.0}},
+              "latency_ms": {"p50": 20.0}}
+    block = plan_vs_measured(built, report)
+    assert block["available"] and block["target"] == "x86-cpu"
+    v = block["stages"]["vision"]
+    assert v["error_pct"] == pytest.approx(100 * (v["predicted_ms"] - 10.0) / 10.0)
+    assert block["stages"]["decode"]["error_pct"] is None          # nothing measured
+    assert not plan_vs_measured(export, report)["available"]       # no target: the reason
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnx" else real(name, *a))
+    block = plan_vs_measured(built, report)
+    assert not block["available"] and "onnx" in block["reason"]

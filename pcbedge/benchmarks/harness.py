@@ -259,6 +259,10 @@ def plan_vs_measured(bundle: Path, report: dict) -> dict:
     """``pcbedge plan`` of the bundle on its own target beside the measured stage medians
     (docs/plan.md); unavailable, with the reason, for a bundle without a target or a target
     without [hardware]."""
+    import importlib.util
+    if importlib.util.find_spec("onnx") is None:     # a device install: onnxruntime only
+        return {"available": False, "reason": "pcbedge plan reads graphs with onnx, which a "
+                                               "device install lacks (the [export] extra)"}
     from pcbedge.plan import plan_bundle
     try:
         plan = plan_bundle(bundle)

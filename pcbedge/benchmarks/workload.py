@@ -12,6 +12,7 @@ by the board id, so a board's questions do not depend on which other boards are 
 """
 from __future__ import annotations
 
+import functools
 import time
 import zlib
 from dataclasses import dataclass
@@ -68,9 +69,14 @@ DETECTION_QUESTION = "Describe all defects."
 
 
 def board_size(board: Board) -> tuple[int, int]:
-    """The board image's (width, height) in pixels, read from the file header."""
+    """The board image's (width, height) in pixels, read from the file header once per path."""
+    return _image_size(str(board.test_path))
+
+
+@functools.lru_cache(maxsize=4096)
+def _image_size(path: str) -> tuple[int, int]:
     from PIL import Image
-    with Image.open(board.test_path) as im:
+    with Image.open(path) as im:
         return im.size
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pcbedge.errors import PcbEdgeError, TargetError
+from pcbedge.errors import BundleError, PcbEdgeError, TargetError
 
 STAGES = ("preprocess", "vision", "prefill", "decode")
 
@@ -84,10 +84,13 @@ def plan_bundle(bundle, target=None, *, typical: dict | None = None) -> dict:
     from pcbedge.plan.graph_cost import graph_cost
 
     bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise BundleError(f"bundle {bundle} not found", fix="pass a folder made by pcbedge "
+                                                             "export or pcbedge build")
     manifest = read_manifest_json(bundle)
     if not manifest:
-        raise PcbEdgeError(f"{bundle} holds no manifest.json", fix="pass a folder made by "
-                           "pcbedge export or pcbedge build")
+        raise BundleError(f"{bundle} holds no manifest.json", fix="pass a folder made by "
+                          "pcbedge export or pcbedge build")
     family = get_family(manifest.get("family"))
     profile = _target_of(manifest, target)
     hw = profile.hardware
@@ -99,6 +102,9 @@ def plan_bundle(bundle, target=None, *, typical: dict | None = None) -> dict:
             path = bundle / manifest["graphs"][c.graph]["file"]
             try:
                 costs[key] = graph_cost(path, c.dims)
+            except (OSError, ValueError) as e:     # missing, or not an ONNX protobuf
+                raise BundleError(f"graph {path} cannot be read: {e}",
+                                  fix="rebuild the bundle (pcbedge export / build)") from None
             except KeyError as e:
                 raise PcbEdgeError(f"graph {c.graph} of {bundle} has an axis {e} the family's "
                                    "plan does not size", fix="report this: the family's plan "

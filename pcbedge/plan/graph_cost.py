@@ -262,8 +262,7 @@ def _bytes_of(name: str, shapes: dict) -> int:
 
 def graph_cost(path: str | Path, dims: dict) -> GraphCost:
     """The cost of one run of the graph at ``path`` with its named axes set to ``dims``."""
-    import onnx
-    model = onnx.load(str(path), load_external_data=False)
+    model = _load(path)
     weights = {t.name: _tensor_bytes(t) for t in model.graph.initializer}
     cost = GraphCost()
     _fix_dims(model, dims)
@@ -311,8 +310,17 @@ def _weights_read(model, weights: dict, shapes: dict) -> int:
     return sum(weights[w] for w in read) + gathered
 
 
+def _load(path):
+    """The graph without its external weight data; OSError / ValueError when it cannot be."""
+    import onnx
+    from google.protobuf.message import DecodeError
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except DecodeError as e:
+        raise ValueError(f"not an ONNX model ({e})") from None
+
+
 def weight_bytes_of(path: str | Path) -> int:
     """Bytes of a graph's initializers (its weights), read from the graph without their data."""
-    import onnx
-    model = onnx.load(str(path), load_external_data=False)
+    model = _load(path)
     return sum(_tensor_bytes(t) for t in model.graph.initializer)
