@@ -316,7 +316,13 @@ def _run_in(args, root: Path, work: Path, inside: str) -> int:
                "--out", out / "x86", "--quiet", "--resume", *NO_LATENCY]
     rc_x86 = subprocess.run([str(c) for c in x86_cmd], env=env).returncode
     # the arm64 side answers board by board into work/out/answers (bench --resume): a stopped
-    # check rerun with the same --out continues where it was
+    # check rerun with the same --out continues where it was; after a finished check (its work
+    # folder gone) the answers it copied to OUT seed the new one, so a rebuilt bundle is checked
+    # against the FP32 reference's answers already made (their keys name the model: only
+    # matching ones are reused)
+    seed = out / "arm64" / "answers"
+    if seed.is_dir() and not (work / "out" / "answers").exists():
+        shutil.copytree(seed, work / "out" / "answers")
     arm_cmd = [f"{VENV}/bin/python", "-m", "pcbedge", "bench", f"{inside}/bundle", "--reference",
                f"{inside}/reference", "--data", f"{inside}/data", "--list",
                f"{inside}/data/boards.txt", "--out", f"{inside}/out", "--resume", *NO_LATENCY]

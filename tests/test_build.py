@@ -200,7 +200,8 @@ def test_build_every_target(target, built, export):
         placement = m["quantization"]["graphs"]["vision"]["placement"]
         assert placement["quantized_by_op_type"]["Conv"] > 0
         assert m["calibration"]["sha256"] == m["quantization"]["calibration_sha256"]
-        assert len(m["calibration"]["boards"]) == profile.quantization.calibration_boards
+        # the embedded sample's calib.txt holds 16 boards: a profile asking for more gets those
+        assert len(m["calibration"]["boards"]) == min(profile.quantization.calibration_boards, 16)
         drift = m["quantization"]["graphs"]["vision"]["drift_vs_fp32"]
         assert drift["visual_tokens"]["mean"] < 0.2
     else:
