@@ -133,10 +133,18 @@ def test_score_bias_is_recorded_and_skipped_without_heldout_boards(built):
 
 
 def test_score_bias_applied_with_heldout_boards(export, sample_data, tmp_path):
-    """With trainval.txt the sample has 48 boards beyond the calibration set: the correction
-    runs on them (8 views each) and folds the offset into the heat conv's bias."""
-    out = build_bundle("x86-cpu", export, tmp_path / "b", calibration=sample_data,
-                       calibration_list="trainval.txt", progress=False)
+    """With trainval.txt (64 boards) and 16 calibration boards (x86-cpu asks for 64: a profile
+    extending it asks for 16), the sample has 48 boards beyond the calibration set: the
+    correction runs on them (8 views each) and folds the offset into the heat conv's bias."""
+    import shutil
+
+    from pcbedge.targets import TARGETS_DIR
+    shutil.copyfile(TARGETS_DIR / "x86-cpu.toml", tmp_path / "x86-cpu.toml")
+    (tmp_path / "cal16.toml").write_text('extends = "x86-cpu"\nname = "cal16"\n'
+                                         '[quantization]\ncalibration_boards = 16\n')
+    out = build_bundle(str(tmp_path / "cal16.toml"), export, tmp_path / "b",
+                       calibration=sample_data, calibration_list="trainval.txt",
+                       progress=False)
     m = read_manifest(out)
     rec = m["quantization"]["graphs"]["vision"]["score_bias"]
     assert len(rec["boards"]) == 48 and rec["views"] == 48 * 8
