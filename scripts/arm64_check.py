@@ -367,9 +367,9 @@ def summarize(out: Path, rc_x86: int, rc_arm: int, args) -> int:
                                 "arm64": pa["residual_score_bias"]},
         "emulated_latency_ms": {"note": "qemu-user emulation on x86, NOT ARM performance",
                                 "p50": ra["latency_ms"].get("p50")},
-        "environment_arm64": {k: ra["environment"].get(k) for k in ("machine", "platform",
-                                                                    "packages")
-                              if k in ra["environment"]},
+        "environment_arm64": {k: ra["environment"].get(k) for k in (
+            "arch", "python", "onnxruntime_version", "numpy_version", "pillow_version",
+            "tokenizers_version", "torch_version", "threads")},
     }
     # preprocessing is reported, not gated: numpy/PIL may differ in the last float bits across
     # instruction sets; what must agree is the answer

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pcbedge.errors import ModelError
-from pcbedge.export.checkpoint import load_state, weight_shards, weights_label, weights_sha256
+from pcbedge.checkpoint import load_state, weight_shards, weights_label, weights_sha256
 
 torch = pytest.importorskip("torch")
 

@@ -18,9 +18,8 @@ import os
 from pathlib import Path
 
 from pcbedge.benchmarks.environment import manifest_sha256
-
-FOLDER = "answers"
-HEADER = {"pcbedge_answer_cache": 1}
+from pcbedge.bundle.outputs import ANSWER_CACHE_FOLDER as FOLDER
+from pcbedge.bundle.outputs import ANSWER_CACHE_HEADER as HEADER
 
 
 def _finite(obj) -> bool:
@@ -31,24 +30,6 @@ def _finite(obj) -> bool:
     if isinstance(obj, (list, tuple)):
         return all(_finite(v) for v in obj)
     return True
-
-
-def is_cache_folder(folder: Path) -> bool:
-    """True when ``folder/answers`` holds only pcbedge answer caches (an interrupted
-    ``bench --resume`` whose report.json was not written yet)."""
-    sub = Path(folder) / FOLDER
-    try:
-        files = list(sub.iterdir())
-    except OSError:
-        return False
-    for f in files:
-        try:
-            with open(f, encoding="utf-8") as fh:
-                if json.loads(fh.readline()) != HEADER:
-                    return False
-        except (OSError, UnicodeDecodeError, ValueError):
-            return False
-    return bool(files)
 
 
 def _last_byte(path: Path) -> bytes:

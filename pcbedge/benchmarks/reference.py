@@ -48,7 +48,7 @@ def source_of(folder: Path, manifest: dict | None = None) -> SourceModel:
     from pcbedge.families import detect_family
     family = detect_family(folder)   # an unknown family fails here as it would at load
     from pcbedge.errors import ModelError
-    from pcbedge.export.checkpoint import weights_sha256
+    from pcbedge.checkpoint import weights_sha256
     try:
         sha = weights_sha256(folder, family.weights_file)
     except ModelError:

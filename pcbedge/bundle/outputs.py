@@ -130,8 +130,7 @@ def made_by_pcbedge(folder: Path, kind: str = "bundle") -> str | None:
             return "a pcbedge bench report"
         if b'name="pcbedge.bench' in _head(folder / "junit.xml"):
             return "the junit.xml of a pcbedge bench"
-        from pcbedge.benchmarks.answer_cache import is_cache_folder
-        if is_cache_folder(folder):
+        if is_answer_cache_folder(folder):
             return "the answers of an interrupted pcbedge bench --resume"
     else:
         raise ValueError(f"unknown output kind {kind!r}")
@@ -139,6 +138,28 @@ def made_by_pcbedge(folder: Path, kind: str = "bundle") -> str | None:
     if names and all(_TEMP_FILE.match(n) for n in names):
         return "only temporary files of an interrupted pcbedge write"
     return None
+
+
+ANSWER_CACHE_FOLDER = "answers"              # bench --resume (pcbedge.benchmarks.answer_cache)
+ANSWER_CACHE_HEADER = {"pcbedge_answer_cache": 1}
+
+
+def is_answer_cache_folder(folder: Path) -> bool:
+    """True when ``folder/answers`` holds only pcbedge answer caches (an interrupted
+    ``bench --resume`` whose report.json was not written yet)."""
+    sub = Path(folder) / ANSWER_CACHE_FOLDER
+    try:
+        files = list(sub.iterdir())
+    except OSError:
+        return False
+    for f in files:
+        try:
+            with open(f, encoding="utf-8") as fh:
+                if json.loads(fh.readline()) != ANSWER_CACHE_HEADER:
+                    return False
+        except (OSError, UnicodeDecodeError, ValueError):
+            return False
+    return bool(files)
 
 
 def _is_int(v) -> bool:

@@ -17,7 +17,7 @@ from pcbedge.errors import DependencyError, ExportError, OutputError
 from pcbedge.bundle.atomic import check_output, staged_dir
 from pcbedge.bundle.outputs import raise_write_failure
 from pcbedge.export.graphs import GraphExport
-from pcbedge.export.checkpoint import weights_bytes, weights_label, weights_sha256
+from pcbedge.checkpoint import weights_bytes, weights_label, weights_sha256
 from pcbedge.bundle.manifest import KIND, SCHEMA_VERSION, list_files, write_manifest
 
 log = logging.getLogger(__name__)

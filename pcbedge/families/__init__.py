@@ -101,8 +101,8 @@ def refuse_pickles(model_dir: Path, missing: list[str] | None = None) -> None:
 
 def check_model_files(model_dir: Path, files: tuple[str, ...]) -> None:
     """Every file of ``files`` is in ``model_dir``; a ``*.safetensors`` entry may be
-    save_pretrained's shards with their index instead (:mod:`pcbedge.export.checkpoint`)."""
-    from pcbedge.export.checkpoint import weight_shards
+    save_pretrained's shards with their index instead (:mod:`pcbedge.checkpoint`)."""
+    from pcbedge.checkpoint import weight_shards
     missing = [f for f in files if not (model_dir / f).is_file()]
     for f in [f for f in missing if f.endswith(".safetensors")]:
         if (model_dir / (f + ".index.json")).is_file():

@@ -79,7 +79,6 @@ def _call_ms(cost, hw) -> dict:
 def plan_bundle(bundle, target=None, *, typical: dict | None = None) -> dict:
     """The plan of ``bundle`` on ``target`` (a name or profile; default: the bundle's own).
     ``typical`` overrides the family's typical answer (e.g. ``{"new_tokens": 16}``)."""
-    from pcbedge.benchmarks.environment import read_manifest_json
     from pcbedge.families import get_family
     from pcbedge.plan.graph_cost import graph_cost
 
@@ -87,7 +86,7 @@ def plan_bundle(bundle, target=None, *, typical: dict | None = None) -> dict:
     if not bundle.is_dir():
         raise BundleError(f"bundle {bundle} not found", fix="pass a folder made by pcbedge "
                                                              "export or pcbedge build")
-    manifest = read_manifest_json(bundle)
+    manifest = _read_manifest(bundle)
     if not manifest:
         raise BundleError(f"{bundle} holds no manifest.json", fix="pass a folder made by "
                           "pcbedge export or pcbedge build")
@@ -143,6 +142,19 @@ def plan_bundle(bundle, target=None, *, typical: dict | None = None) -> dict:
         "memory": memory,
         "fits": memory["fits"],
     }
+
+
+def _read_manifest(bundle: Path) -> dict:
+    """The manifest as plain JSON ({} when there is none); plan reads, it does not verify."""
+    import json
+    f = bundle / "manifest.json"
+    if not f.is_file():
+        return {}
+    try:
+        m = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{f} is not valid JSON: {e}", fix="export or build it again") from None
+    return m if isinstance(m, dict) else {}
 
 
 def _empty_stage() -> dict:

@@ -126,7 +126,7 @@ class PcbVlm(nn.Module):
         path = Path(path)
         if not path.is_dir():
             raise ModelError(f"model folder {path} not found", fix="pass --model DIR")
-        from pcbedge.export.checkpoint import load_state
+        from pcbedge.checkpoint import load_state
         for f in FILES:
             if f == "model.safetensors" and (path / "model.safetensors.index.json").is_file():
                 continue                        # shards: load_state checks them
