@@ -268,6 +268,7 @@ def test_tensorrt_bundle_deferred_files(target, built):
 # --- overrides, atomicity, refusals -------------------------------------------------------------
 
 def test_keep_ratio_and_calibration_overrides(export, tmp_path, sample_data):
+    from pcbedge.targets import load_target
     cal = tmp_path / "cal"
     shutil.copytree(sample_data, cal)
     (cal / "calib.txt").unlink()
