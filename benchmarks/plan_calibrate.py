@@ -43,16 +43,12 @@ def _measured(report: dict) -> dict:
 def _stage_ms(plan: dict, hw, ec: float, tn: float) -> dict:
     """The plan's stages re-predicted with efficiency ``ec`` and ``tn`` us per node (the graph
     costs are the plan's; only the factors change)."""
-    out = {}
-    for s in STAGES:
-        total = 0.0
-        for c in plan["stages"][s]["calls"]:
-            compute = sum(m / hw.rate(p)[0] for p, m in c["macs"].items())
-            memory = c["bytes"] / (hw.memory_bandwidth_gbs * 1e9)
-            total += c["count"] * (max(compute / ec, memory / hw.efficiency_memory)
-                                   + c["nodes"] * tn * 1e-6 + c["on_chip_ms"] * 1e-3)
-        out[s] = total * 1e3
-    return out
+    from pcbedge.plan import latency_s
+    return {s: 1e3 * sum(c["count"] * latency_s(
+        c["compute_floor_ms"] * 1e-3, c["memory_floor_ms"] * 1e-3, c["nodes"],
+        c["on_chip_ms"] * 1e-3, efficiency_compute=ec,
+        efficiency_memory=hw.efficiency_memory, node_overhead_us=tn)
+        for c in plan["stages"][s]["calls"]) for s in STAGES}
 
 
 def fit(profile, runs) -> dict:

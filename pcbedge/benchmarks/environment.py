@@ -69,23 +69,6 @@ def manifest_sha256(path: str | Path) -> str | None:
     return hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
 
 
-def read_manifest_json(path: str | Path) -> dict:
-    """``path/manifest.json`` as plain JSON ({} for a model folder): gate limits and reference
-    are read before any runner is built. The runner itself validates and hash-checks it."""
-    import json
-
-    from pcbedge.errors import BundleError
-
-    f = Path(path) / "manifest.json"
-    if not f.is_file():
-        return {}
-    try:
-        m = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{f} is not valid JSON: {e}", fix="export or build it again") from None
-    return m if isinstance(m, dict) else {}
-
-
 def _block(manifest: dict, key: str):
     v = manifest.get(key)
     if isinstance(v, dict):

@@ -21,10 +21,10 @@ from pcbedge.benchmarks import gates as gates_mod
 from pcbedge.benchmarks import machine_state as ms_mod
 from pcbedge.benchmarks import strict_json
 from pcbedge.benchmarks import workload as wl
-from pcbedge.benchmarks.environment import (collect_environment, manifest_sha256,
-                                            read_manifest_json)
+from pcbedge.benchmarks.environment import collect_environment, manifest_sha256
 from pcbedge.benchmarks.metrics import latency_summary
 from pcbedge.benchmarks.reference import check_reference, resolve_reference
+from pcbedge.bundle.manifest import read_manifest_json
 from pcbedge.errors import BundleError, GateFailed, MachineBusy, PcbEdgeError
 
 SCHEMA_VERSION = 1

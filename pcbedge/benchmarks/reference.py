@@ -11,7 +11,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pcbedge.benchmarks.environment import manifest_sha256, read_manifest_json
+from pcbedge.benchmarks.environment import manifest_sha256
+from pcbedge.bundle.manifest import read_manifest_json
 from pcbedge.errors import BundleError
 
 log = logging.getLogger(__name__)

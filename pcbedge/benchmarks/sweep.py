@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pcbedge.benchmarks import workload as wl
 from pcbedge.benchmarks.accuracy import describe_predictions, score_detections
-from pcbedge.benchmarks.environment import read_manifest_json
+from pcbedge.bundle.manifest import read_manifest_json
 from pcbedge.benchmarks.metrics import latency_summary
 
 KEEP_RATIOS = (1.0, 0.5, 0.25, 0.1)

@@ -69,6 +69,19 @@ def read_manifest(bundle_dir: str | Path) -> dict:
     return read_manifest_bytes(bundle_dir)[0]
 
 
+def read_manifest_json(path: str | Path) -> dict:
+    """``path/manifest.json`` as plain JSON ({} for a model folder): gate limits and reference
+    are read before any runner is built. The runner itself validates and hash-checks it."""
+    f = Path(path) / "manifest.json"
+    if not f.is_file():
+        return {}
+    try:
+        m = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{f} is not valid JSON: {e}", fix="export or build it again") from None
+    return m if isinstance(m, dict) else {}
+
+
 def read_manifest_bytes(bundle_dir: str | Path) -> tuple[dict, bytes]:
     """The validated manifest and the exact bytes it was parsed from (what a signature signs:
     :mod:`pcbedge.bundle.signing` verifies these very bytes, never a second read)."""

@@ -49,6 +49,14 @@ def _target_of(manifest: dict, target):
     return profile
 
 
+def latency_s(compute_s: float, memory_s: float, nodes: int, on_chip_s: float, *,
+              efficiency_compute: float, efficiency_memory: float,
+              node_overhead_us: float) -> float:
+    """The latency model of one graph call (docs/plan.md), from its roofline floors."""
+    return (max(compute_s / efficiency_compute, memory_s / efficiency_memory)
+            + nodes * node_overhead_us * 1e-6 + on_chip_s)
+
+
 def _call_ms(cost, hw) -> dict:
     compute_s, used = 0.0, {}
     for precision, macs in cost.macs.items():
@@ -63,13 +71,15 @@ def _call_ms(cost, hw) -> dict:
     on_chip_s = (cost.cached_activation_bytes(hw.cache_mb * 2 ** 20)
                  / (hw.cache_bandwidth_gbs * 1e9)) if hw.cache_bandwidth_gbs else 0.0
     overhead_s = cost.nodes * hw.node_overhead_us * 1e-6 + on_chip_s
-    floor = max(compute_s, memory_s)
-    predicted = max(compute_s / hw.efficiency_compute, memory_s / hw.efficiency_memory)
+    total = latency_s(compute_s, memory_s, cost.nodes, on_chip_s,
+                      efficiency_compute=hw.efficiency_compute,
+                      efficiency_memory=hw.efficiency_memory,
+                      node_overhead_us=hw.node_overhead_us)
     bound = "compute" if compute_s / hw.efficiency_compute >= memory_s / hw.efficiency_memory \
         else "memory"
-    if overhead_s > predicted:
+    if overhead_s > total - overhead_s:
         bound = "overhead"
-    return {"floor_ms": floor * 1e3, "predicted_ms": (predicted + overhead_s) * 1e3,
+    return {"floor_ms": max(compute_s, memory_s) * 1e3, "predicted_ms": total * 1e3,
             "compute_floor_ms": compute_s * 1e3, "memory_floor_ms": memory_s * 1e3,
             "overhead_ms": overhead_s * 1e3, "on_chip_ms": on_chip_s * 1e3,
             "bound": bound, "bytes": moved,
@@ -79,6 +89,7 @@ def _call_ms(cost, hw) -> dict:
 def plan_bundle(bundle, target=None, *, typical: dict | None = None) -> dict:
     """The plan of ``bundle`` on ``target`` (a name or profile; default: the bundle's own).
     ``typical`` overrides the family's typical answer (e.g. ``{"new_tokens": 16}``)."""
+    from pcbedge.bundle.manifest import read_manifest_json
     from pcbedge.families import get_family
     from pcbedge.plan.graph_cost import graph_cost
 
@@ -86,7 +97,7 @@ def plan_bundle(bundle, target=None, *, typical: dict | None = None) -> dict:
     if not bundle.is_dir():
         raise BundleError(f"bundle {bundle} not found", fix="pass a folder made by pcbedge "
                                                              "export or pcbedge build")
-    manifest = _read_manifest(bundle)
+    manifest = read_manifest_json(bundle)
     if not manifest:
         raise BundleError(f"{bundle} holds no manifest.json", fix="pass a folder made by "
                           "pcbedge export or pcbedge build")
@@ -142,19 +153,6 @@ def plan_bundle(bundle, target=None, *, typical: dict | None = None) -> dict:
         "memory": memory,
         "fits": memory["fits"],
     }
-
-
-def _read_manifest(bundle: Path) -> dict:
-    """The manifest as plain JSON ({} when there is none); plan reads, it does not verify."""
-    import json
-    f = bundle / "manifest.json"
-    if not f.is_file():
-        return {}
-    try:
-        m = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{f} is not valid JSON: {e}", fix="export or build it again") from None
-    return m if isinstance(m, dict) else {}
 
 
 def _empty_stage() -> dict:
