@@ -3,6 +3,7 @@ benchmarks/real_size/), random weights generated in-process, saved as save_pretr
 
     python benchmarks/real_size.py make --config benchmarks/real_size/qwen2-vl-2b-instruct.config.json \\
         --out big/qwen2-vl-2b [--shard-size 2GB] [--layers N --vision-depth N]
+    python benchmarks/real_size.py time BUNDLE --new-tokens 16 [--keep-ratio 0.5] [--json F]
 
 The answers of such a model are meaningless; it measures cost only (export memory and time,
 bundle sizes, stage latencies, ``pcbedge plan``). The vocabulary keeps its published size
@@ -67,6 +68,69 @@ def make(config: Path, out: Path, shard_size: str, layers: int | None,
     return out
 
 
+def time_answers(bundle: Path, new_tokens: int, keep_ratio: float | None, repeats: int,
+                 threads: int | None, method: str | None) -> dict:
+    """One bundle's whole answer on the first board of the embedded sample, timed per stage in
+    this process: a warm-up answer, then ``repeats`` timed ones (medians reported). Run each
+    variant in its own process on an idle machine (docs/real-size.md)."""
+    import os
+    import resource
+    import statistics
+
+    from pcbedge.bundle.manifest import read_manifest_json
+    from pcbedge.data.deeppcb import find_data_root, read_list
+    from pcbedge.runtime import load_runner
+
+    def rss_mb():
+        with open("/proc/self/status") as fh:
+            return {k: int(v.split()[0]) / 1024 for k, v in
+                    (line.split(":", 1) for line in fh) if k in ("VmRSS", "RssAnon", "RssFile")}
+
+    manifest = read_manifest_json(bundle)
+    own = manifest.get("pruning") or {}
+    if keep_ratio is None or keep_ratio >= 1.0:
+        pruning = {"method": "none"}
+    else:
+        m = method or own.get("method")
+        if not m or m == "none":
+            raise SystemExit(f"{bundle} names no pruning method: pass --method")
+        pruning = {"method": m, "keep_ratio": keep_ratio}
+    board = read_list(find_data_root(None), "bench.txt")[0]
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    runner = load_runner(bundle, threads=threads)
+    load_s = time.perf_counter() - t0
+    rss_loaded = rss_mb()
+    q = "where are the defects on this board?"
+
+    def one():
+        t = time.perf_counter()
+        enc = runner.encode(runner.prepare(board.test_path, board.template_path))
+        ans = runner.answer(enc, q, max_new_tokens=new_tokens, pruning=pruning)
+        ans["latency_ms"]["wall"] = (time.perf_counter() - t) * 1e3
+        return ans
+
+    one()                                   # warm-up: first-run allocations, page faults
+    runs = [one() for _ in range(repeats)]
+    lat = {k: statistics.median(r["latency_ms"][k] for r in runs)
+           for k in ("vision", "prefill", "decode", "wall")}
+    n_new = runs[0]["info"]["new_tokens"]
+    lat["per_token"] = lat["decode"] / max(n_new - 1, 1)   # the first comes from the prefill
+    return {"bundle": str(bundle), "precision": manifest.get("precision"),
+            "new_tokens": n_new, "pruning": pruning,
+            "prefill_tokens": runs[0]["info"]["prefill_tokens"],
+            "visual_tokens": [runs[0]["info"]["visual_tokens_kept"],
+                              runs[0]["info"]["visual_tokens_total"]],
+            "repeats": repeats, "threads": getattr(runner, "threads", threads),
+            "median_ms": {k: round(v, 1) for k, v in lat.items()},
+            "all_wall_ms": [round(r["latency_ms"]["wall"], 1) for r in runs],
+            "load_s": round(load_s, 1), "rss_after_load_mb": rss_loaded,
+            "rss_end_mb": rss_mb(),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "loadavg_1min_before": load0, "board": f"{board.group}/{board.id}",
+            "note": "random weights: answers are meaningless, only cost is measured"}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -76,8 +140,25 @@ def main(argv=None) -> int:
     m.add_argument("--shard-size", default="2GB")
     m.add_argument("--layers", type=int)
     m.add_argument("--vision-depth", type=int)
+    t = sub.add_parser("time", help="time one bundle's answer per stage (own process)")
+    t.add_argument("bundle", type=Path)
+    t.add_argument("--new-tokens", type=int, default=16)
+    t.add_argument("--keep-ratio", type=float, help="visual tokens kept (default: all)")
+    t.add_argument("--method", help="pruning method when the bundle names none")
+    t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--threads", type=int)
+    t.add_argument("--json", type=Path, help="also write the result here")
     args = ap.parse_args(argv)
-    make(args.config, args.out, args.shard_size, args.layers, args.vision_depth)
+    if args.cmd == "make":
+        make(args.config, args.out, args.shard_size, args.layers, args.vision_depth)
+        return 0
+    out = time_answers(args.bundle, args.new_tokens, args.keep_ratio, args.repeats,
+                       args.threads, args.method)
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
     return 0
 
 

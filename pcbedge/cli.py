@@ -187,9 +187,11 @@ REGRESSION_OPTIONS = ("max_p50_regression_pct", "max_p95_regression_pct",
 @click.option("--resume", is_flag=True,
               help="Keep each board's answers in OUT/answers and reuse those of an interrupted "
                    "run into the same --out (long runs on slow devices).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1),
+              help="Cap on each answer's generated tokens (default 64).")
 def bench(bundle, data, list_file, reference, out_dir, queries, min_seconds, sweep, robustness,
           max_boards, warmup, threads, quiet, baseline, busy_machine, verify_key, resume,
-          **gate_values) -> None:
+          max_new_tokens, **gate_values) -> None:
     """Measure a bundle's latency and accuracy drift against gates.
 
     Writes report.json, report.html, junit.xml and summary.md. Exits with code 3 when a gate is
@@ -205,7 +207,8 @@ def bench(bundle, data, list_file, reference, out_dir, queries, min_seconds, swe
                                out_dir=out_dir, queries=queries, min_seconds=min_seconds,
                                gates=gates, sweep=sweep, robustness=robustness,
                                max_boards=max_boards, warmup=warmup, threads=threads,
-                               progress=not quiet, resume=resume, **extra)
+                               progress=not quiet, resume=resume,
+                               max_new_tokens=max_new_tokens, **extra)
     if not report["passed"]:
         raise GateFailed(f"benchmark of {bundle}: gate(s) missed: {_failed_gates(report)}",
                          fix="see the report; rebuild with another recipe or relax the gate")

@@ -65,12 +65,15 @@ class AnswerCache:
                 if n and isinstance(doc, dict) and isinstance(doc.get("answers"), list):
                     self._done[str(doc.get("key"))] = doc["answers"]
 
-    def key(self, board, questions: list[str]) -> str:
+    def key(self, board, questions: list[str], max_new_tokens: int = 64) -> str:
         files = []
         for p in (board.test_path, board.template_path):
             p = Path(p)
             files.append([p.name, p.stat().st_size])
-        blob = json.dumps([self._model, str(board.group), str(board.id), files, questions])
+        parts = [self._model, str(board.group), str(board.id), files, questions]
+        if max_new_tokens != 64:   # the default keeps the keys of caches written before it
+            parts.append(max_new_tokens)
+        blob = json.dumps(parts)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def get(self, key: str) -> list[dict] | None:

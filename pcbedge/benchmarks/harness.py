@@ -100,7 +100,8 @@ def _cold_start(bundle: Path, workload: wl.Workload, threads, rss: _Rss):
     t1 = time.perf_counter()
     q = workload.queries[0]
     board = workload.boards[q.board_index]
-    runner.ask(board.test_path, board.template_path, q.qa.question)
+    runner.ask(board.test_path, board.template_path, q.qa.question,
+               max_new_tokens=workload.max_new_tokens)
     t2 = time.perf_counter()
     rss.sample()
     return runner, {"total_ms": (t2 - t0) * 1e3, "load_ms": (t1 - t0) * 1e3,
@@ -371,7 +372,8 @@ def _assemble(bundle: Path, workload: wl.Workload, run: _Run, drift: dict, sweep
         "question_split": workload.question_split,
         "question_seed": wl.QUESTION_SEED,
         "workload": {"data_root": str(workload.data_root), "list_file": str(workload.list_file),
-                     "n_boards": len(workload.boards), "n_questions": len(workload.queries)},
+                     "n_boards": len(workload.boards), "n_questions": len(workload.queries),
+                     "max_new_tokens": workload.max_new_tokens},
         "environment": run.environment,
         "cold_start_ms": run.cold["total_ms"],
         "cold_start": run.cold,
@@ -393,7 +395,7 @@ def run_benchmark(bundle, *, data=None, list_file=None, reference=None, out_dir=
                   queries=200, min_seconds=10.0, warmup=5, gates=None, sweep=False,
                   robustness=False, max_boards=None, threads=None, progress=True,
                   compare=None, regression_gates=None, busy_machine=None,
-                  resume=False) -> dict:
+                  resume=False, max_new_tokens=None) -> dict:
     """Benchmark ``bundle`` (a bundle folder, or a model folder for the PyTorch reference).
 
     Returns the report dict (also ``out_dir/report.json``). Raises GateFailed after writing
@@ -406,6 +408,8 @@ def run_benchmark(bundle, *, data=None, list_file=None, reference=None, out_dir=
     machine became busy during the latency pass. ``resume``: keep each board's answers in
     ``out_dir/answers`` as they are made and reuse those of an earlier run into the same folder
     (:mod:`pcbedge.benchmarks.answer_cache`); the timed pass is always run afresh.
+    ``max_new_tokens`` caps each answer's generated tokens (default 64; a model whose answers
+    run to the cap, such as random real-size weights, is timed at a chosen answer length).
     """
     out_dir = DEFAULTS["out_dir"] if out_dir is None else out_dir
     pass_args = {"queries": DEFAULTS["queries"] if queries is None else queries,
@@ -422,7 +426,7 @@ def run_benchmark(bundle, *, data=None, list_file=None, reference=None, out_dir=
                           fix="pass a folder made by pcbedge build (or pcbedge export)")
     manifest = read_manifest_json(bundle)
     limits = gates_mod.resolve_limits(manifest, gates)  # a bad gate fails before the long run
-    workload = wl.load_workload(data, list_file, max_boards)
+    workload = wl.load_workload(data, list_file, max_boards, max_new_tokens)
     ref_path, ref_note = resolve_reference(bundle, manifest, reference)
     ref_check = check_reference(bundle, manifest, ref_path, warn=progress)  # before any timing
     policy = ms_mod.resolve_policy(manifest, busy_machine)

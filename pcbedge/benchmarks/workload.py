@@ -30,6 +30,7 @@ QUESTION_SPLIT = "heldout"
 QUESTION_SEED = 20240601  # fixed: changing it changes every bench's questions
 DEFAULT_LISTS = ("bench.txt", "test.txt")  # looked for, in order, under a data folder
 STAGES = ("preprocess", "vision", "prefill", "decode")
+DEFAULT_NEW_TOKENS = 64   # the runners' own default
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Workload:
     data_root: Path
     list_file: Path
     question_split: str = QUESTION_SPLIT
+    max_new_tokens: int = DEFAULT_NEW_TOKENS   # the cap on each answer's generated tokens
 
     @cached_property
     def _by_board(self) -> dict[int, list[Query]]:
@@ -107,8 +109,10 @@ def _resolve_list(root: Path, list_file, data_given: bool) -> Path:
                        fix="pass list_file= (--list FILE) naming the boards to bench")
 
 
-def load_workload(data=None, list_file=None, max_boards: int | None = None) -> Workload:
-    """Boards of ``list_file`` under ``data`` (default: the embedded sample's bench.txt).
+def load_workload(data=None, list_file=None, max_boards: int | None = None,
+                  max_new_tokens: int | None = None) -> Workload:
+    """Boards of ``list_file`` under ``data`` (default: the embedded sample's bench.txt);
+    ``max_new_tokens`` caps every answer (default 64, the runners' own).
 
     The whole list is validated here, before any runner is opened: every line parses, its
     images exist and agree in size, its boxes lie inside the image, and every benched board's
@@ -117,6 +121,12 @@ def load_workload(data=None, list_file=None, max_boards: int | None = None) -> W
                                    or max_boards < 1):
         raise PcbEdgeError(f"max_boards {max_boards!r} is not a positive integer",
                            fix="pass e.g. max_boards=8, or None for every board of the list")
+    if max_new_tokens is None:
+        max_new_tokens = DEFAULT_NEW_TOKENS
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 1:
+        raise PcbEdgeError(f"max_new_tokens {max_new_tokens!r} is not a positive integer",
+                           fix="pass e.g. max_new_tokens=16 (--max-new-tokens 16)")
     root = find_data_root(data)
     if not root.is_dir():
         raise DatasetError(f"data folder {root} does not exist",
@@ -125,7 +135,7 @@ def load_workload(data=None, list_file=None, max_boards: int | None = None) -> W
     boards = read_list(root, lf)[:max_boards]   # every line checked, even past max_boards
     check_board_images(boards, lf)
     queries = tuple(Query(i, qa) for i, b in enumerate(boards) for qa in board_questions(b))
-    return Workload(tuple(boards), queries, root, lf)
+    return Workload(tuple(boards), queries, root, lf, max_new_tokens=max_new_tokens)
 
 
 def check_board_images(boards, list_file: Path) -> None:
@@ -178,7 +188,8 @@ def answer_boards(runner, workload: Workload, *, degrade: Degrade | None = None,
         qs = workload.board_queries(i)
         if describe_only:
             qs = [q for q in qs if q.qa.kind == "describe"][:1]
-        key = cache.key(board, [q.qa.question for q in qs]) if use_cache else None
+        key = (cache.key(board, [q.qa.question for q in qs], workload.max_new_tokens)
+               if use_cache else None)
         got = cache.get(key) if use_cache else None
         if got is not None and len(got) == len(qs):
             out.append(got)
@@ -186,7 +197,8 @@ def answer_boards(runner, workload: Workload, *, degrade: Degrade | None = None,
         if callable(runner) and not hasattr(runner, "encode"):
             runner = runner()          # opened only when a board is not in the cache
         enc = runner.encode(board_input(runner, board, degrade))
-        answers = [runner.answer(enc, q.qa.question) for q in qs]
+        answers = [runner.answer(enc, q.qa.question, max_new_tokens=workload.max_new_tokens)
+                   for q in qs]
         if use_cache:
             answers = normalized(answers)
             cache.put(key, answers)
@@ -199,7 +211,8 @@ def answer_boards(runner, workload: Workload, *, degrade: Degrade | None = None,
 def _one_query(runner, workload: Workload, q: Query) -> tuple[dict, float]:
     board = workload.boards[q.board_index]
     t0 = time.perf_counter()
-    ans = runner.ask(board.test_path, board.template_path, q.qa.question)
+    ans = runner.ask(board.test_path, board.template_path, q.qa.question,
+                     max_new_tokens=workload.max_new_tokens)
     return ans, (time.perf_counter() - t0) * 1000.0
 
 

@@ -280,7 +280,8 @@ MANIFEST: dict[str, Spec] = {
                    "security": Obj({"require_signature": Bool()}, extra=False)},
                   required=("name", "arch")),
     **{k: ANY_OBJECT for k in ("build", "reference", "quantization", "calibration", "parity",
-                               "exporter", "vocab", "tensorrt", "trt_validation")},
+                               "exporter", "vocab", "tensorrt", "trt_validation",
+                               "export_peak_rss_mb")},
 }
 
 

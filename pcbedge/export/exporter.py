@@ -6,6 +6,7 @@ Steps: load -> export each graph (dynamo exporter, legacy TorchScript exporter a
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 import platform
@@ -16,7 +17,7 @@ from pathlib import Path
 from pcbedge.errors import DependencyError, ExportError, OutputError
 from pcbedge.bundle.atomic import check_output, staged_dir
 from pcbedge.bundle.outputs import raise_write_failure
-from pcbedge.export.graphs import GraphExport
+from pcbedge.export.graphs import GraphExport, ModelHandle
 from pcbedge.checkpoint import weights_bytes, weights_label, weights_sha256
 from pcbedge.bundle.manifest import KIND, SCHEMA_VERSION, list_files, write_manifest
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
-EXTERNAL_DATA_BYTES = 1 << 30   # graphs with more weights keep them in a .onnx.data file
+from pcbedge.bundle.graph_io import EXTERNAL_DATA_BYTES   # more weights: a .onnx.data file
 
 
 def export_model(model_dir: str | Path, out_dir: str | Path, *, opset: int = DEFAULT_OPSET,
@@ -58,11 +59,14 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, opset: int = DEF
         bar.set_description(steps[0])
         model = family.load_model(model_dir)
         input_size = family.default_input_size(model)
+        memory = {"load model": peak_rss_mb()}
         bar.update()
         graph_records = {}
         for g in family.graphs(model, input_size):
             bar.set_description(f"export {g.name}")
             graph_records[g.name] = export_graph(g, stage, opset)
+            memory[f"export {g.name}"] = peak_rss_mb()
+            bar.set_postfix_str(f"peak RSS {memory[f'export {g.name}'] / 1024:.1f} GB")
             bar.update()
         for name in family.bundle_copies:
             shutil.copyfile(model_dir / name, stage / name)
@@ -72,8 +76,14 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, opset: int = DEF
         bar.set_description(steps[-2])
         manifest["parity"] = None
         if check:
+            if family.parity_releases_model:
+                g = None   # the last graph's wrapper module holds the model too
+                model = ModelHandle(model, lambda: family.load_model(model_dir))
+                gc.collect()
             manifest["parity"] = family.check_parity(model, stage, manifest, sizes=parity_sizes,
                                                      boards=check_boards, atol=atol, rtol=rtol)
+            memory["parity"] = peak_rss_mb()
+        manifest["export_peak_rss_mb"] = memory
         bar.update()
         bar.set_description("manifest")
         manifest["files"] = list_files(stage)
@@ -111,8 +121,18 @@ def _check_opset(opset) -> None:
                           fix=f"use an opset from {MIN_OPSET} to {top} (default {DEFAULT_OPSET})")
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set so far, in MB (each export step records it)."""
+    import resource
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kb / 1024 * (1 / 1024 if platform.system() == "Darwin" else 1), 1)
+
+
 class _NoBar:
     def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
         pass
 
     def set_description(self, desc: str) -> None:
@@ -192,7 +212,9 @@ def finalize_graph(path: Path, g: GraphExport, external: bool) -> int:
     """Check the graph's I/O against the contract, name its dynamic axes, run onnx.checker."""
     import onnx
 
-    model = onnx.load(str(path))
+    # the graph alone: an exporter's side-car weights stay on disk (a 2B decoder's 6 GB would
+    # otherwise be read in, copied into one protobuf and written out again)
+    model = onnx.load(str(path), load_external_data=False)
     for what, values, specs in (("inputs", model.graph.input, g.inputs),
                                 ("outputs", model.graph.output, g.outputs)):
         got = [v.name for v in values]
@@ -202,15 +224,36 @@ def finalize_graph(path: Path, g: GraphExport, external: bool) -> int:
         for v, spec in zip(values, specs):
             _name_axes(g.name, v, spec)
     if external:
-        for p in path.parent.glob(f"{g.file}*"):
-            p.unlink()
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=f"{g.file}.data")
+        _save_external(model, path, f"{g.file}.data")
         onnx.checker.check_model(str(path), full_check=True)
     else:
         onnx.checker.check_model(model, full_check=True)
         onnx.save(model, str(path))
     return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _save_external(model, path: Path, data_name: str) -> None:
+    """Rewrite ``path`` (the graph) keeping its weights in the one side-car file ``data_name``:
+    when the exporter already wrote them there, only the graph is rewritten (the weights never
+    pass through memory); otherwise they are read in and written to ``data_name``."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    locations = {e.value for t in _all_tensors(model) if uses_external_data(t)
+                 for e in t.external_data if e.key == "location"}
+    if locations == {data_name}:
+        onnx.save(model, str(path))
+        return
+    load_external_data_for_model(model, str(path.parent))
+    for p in path.parent.glob(f"{path.name}*"):
+        p.unlink()
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=data_name)
+
+
+def _all_tensors(model):
+    from onnx.external_data_helper import _get_all_tensors
+    return _get_all_tensors(model)
 
 
 def _name_axes(graph: str, value, spec) -> None:

@@ -38,3 +38,17 @@ class GraphExport:
         return {t.name: {i: a for i, a in enumerate(t.shape) if isinstance(a, str)}
                 for t in (*self.inputs, *self.outputs)
                 if any(isinstance(a, str) for a in t.shape)}
+
+
+class ModelHandle:
+    """The loaded checkpoint, handed to a family's parity check that releases it between its
+    PyTorch and ONNX Runtime phases (``RELEASES_MODEL`` in its ``parity`` module): ``take()``
+    returns the model once and keeps no reference, so the caller's ``del`` frees its weights;
+    a later ``take()`` loads it again with ``load``."""
+
+    def __init__(self, model, load):
+        self._model, self._load = model, load
+
+    def take(self):
+        model, self._model = self._model, None
+        return model if model is not None else self._load()

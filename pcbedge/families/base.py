@@ -87,9 +87,19 @@ class Family:
         return export.bundle_files(model) if hasattr(export, "bundle_files") else {}
 
     def check_parity(self, model, bundle_dir: Path, manifest: dict, **kwargs) -> dict:
-        """The manifest's ``parity`` block for the staged bundle, or ExportError."""
+        """The manifest's ``parity`` block for the staged bundle, or ExportError. ``model``:
+        the model, or a :class:`pcbedge.export.graphs.ModelHandle` where
+        :attr:`parity_releases_model`."""
         return self.module("parity").check_parity(self, model, Path(bundle_dir), manifest,
                                                   **kwargs)
+
+    @property
+    def parity_releases_model(self) -> bool:
+        """The family's parity check takes a ModelHandle and runs its ONNX Runtime phase with
+        the PyTorch weights released (a 2B model's FP32 weights would sit beside the
+        sessions' own copy: ~19 GB instead of ~11)."""
+        return "parity" in self.modules and bool(getattr(self.module("parity"),
+                                                         "RELEASES_MODEL", False))
 
     # -- runtime -----------------------------------------------------------------------------
 

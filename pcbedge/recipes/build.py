@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
+from pcbedge.bundle.graph_io import side_car
 from pcbedge.errors import BundleError, CalibrationError, OutputError, TargetError
 
 log = logging.getLogger(__name__)
@@ -176,9 +178,7 @@ def assemble(stage: Path, export_dir: Path, source: dict, family, profile, pruni
 
     manifest = copy.deepcopy(source)
     for rel in source["files"]:
-        dst = stage / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(safe_path(export_dir, rel), dst)
+        link_or_copy(safe_path(export_dir, rel), stage / rel)
     family.apply_shapes(manifest, profile.shapes, say)
     manifest["precision"] = {"vision": profile.precision.vision,
                              "decoder": profile.precision.decoder}
@@ -202,6 +202,23 @@ def assemble(stage: Path, export_dir: Path, source: dict, family, profile, pruni
                          "tools": _tool_versions()}
     manifest["files"] = list_files(stage)
     return manifest
+
+
+LINK_BYTES = 64 << 20   # export files this large are hard-linked into the stage, not copied
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` as a copy of ``src``; a file of ``LINK_BYTES`` or more (a 2B model's FP32 weights
+    are ~9 GB) as a hard link where the export shares the file system. Nothing in a stage is
+    written in place: a graph is unlinked before its quantized form is written."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.stat().st_size >= LINK_BYTES:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copyfile(src, dst)
 
 
 def graph_groups(manifest: dict, family) -> dict[str, tuple[str, ...]]:
@@ -237,8 +254,8 @@ def quantize_groups(stage: Path, export_dir: Path, manifest: dict, groups: dict,
             say(f"quantizing {rel} ({group}: {config.scheme}" + (
                 f", {', '.join(config.op_types)}, {len(cal_set)} calibration boards)"
                 if config.needs_calibration else ")"))
-            for side in stage.glob(f"{rel}.data"):   # the quantized graph is one file
-                side.unlink()
+            for staged in (stage / rel, side_car(stage / rel)):   # links into the export
+                staged.unlink(missing_ok=True)
             report = quantize_graph(export_dir / rel, stage / rel, config, feeds)
             if "quantized_nodes" in report:
                 say(f"  Q/DQ placement: {summarize(report)}")

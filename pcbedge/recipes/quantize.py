@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from pcbedge.bundle.graph_io import has_external_data, save_graph, side_car
 from pcbedge.bundle.outputs import raise_write_failure
 from pcbedge.errors import CalibrationError, ExportError, TargetError
 from pcbedge.recipes.configs import (ALWAYS_FLOAT, DynamicInt8Config, Fp16Config,
@@ -71,17 +72,28 @@ def temporaries_in(folder: Path):
 
 class FeedReader:
     """An onnxruntime ``CalibrationDataReader`` (it recognises any class with ``get_next``) over
-    an iterable of feed dicts; keeps only the graph's inputs and counts what it handed out."""
+    the feed dicts of ``feeds``; keeps only the graph's inputs and counts what it handed out.
+    ``len`` and ``set_range`` let the quantizer calibrate a window of feeds at a time
+    (``CalibStridedMinMax``); the feeds are host inputs only, small beside what a graph's
+    intermediate tensors take."""
 
     def __init__(self, feeds: Iterable[dict], input_names: Iterable[str]):
-        self._it: Iterator[dict] = iter(feeds)
+        self._feeds = list(feeds)
         self._names = set(input_names)
+        self._pos, self._end = 0, len(self._feeds)
         self.count = 0
 
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._pos, self._end = start_index, min(end_index, len(self._feeds))
+
     def get_next(self) -> dict | None:
-        feed = next(self._it, None)
-        if feed is None:
+        if self._pos >= self._end:
             return None
+        feed = self._feeds[self._pos]
+        self._pos += 1
         missing = self._names - set(feed)
         if missing:
             raise CalibrationError(f"calibration feed lacks the graph inputs {sorted(missing)}",
@@ -105,16 +117,22 @@ def _quantize_qdq_static(src: Path, dst: Path, config: StaticInt8Config,
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[config.calibration_method]
     dst.parent.mkdir(parents=True, exist_ok=True)
+    big = has_external_data(src)   # a graph past 1 GiB of weights (docs/export.md)
     with tempfile.TemporaryDirectory(prefix=".pre-") as tmp:   # in temporaries_in's folder
         model_in = _preprocess(src, Path(tmp) / "pre.onnx") if config.preprocess else src
-        model = onnx.load(str(model_in))
+        model = onnx.load(str(model_in), load_external_data=False)   # names and dims only
         exclude = sorted(set(config.nodes_to_exclude) | set(activation_matmuls(model))
                          | set(narrow_convs(model, config.min_conv_channels)))
         inputs = [i.name for i in model.graph.input
                   if i.name not in {t.name for t in model.graph.initializer}]
         reader = FeedReader(calibration, inputs)
+        # min/max merge exactly across feeds: fold each feed's tensors into the ranges at once
+        # instead of holding every intermediate tensor of every feed (a 2B vision tower's are
+        # ~5 GB a feed). (CalibMaxIntermediateOutputs would drop them unmerged, ORT 1.32.)
+        calib = ({"CalibStridedMinMax": 1}
+                 if config.calibration_method == "minmax" and len(reader) else {})
         extra = {"ActivationSymmetric": config.activation_symmetric, "WeightSymmetric": True,
-                 **dict(config.extra_options)}
+                 **calib, **dict(config.extra_options)}
         try:
             quantize_static(str(model_in), str(dst), reader, quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(config.op_types),
@@ -123,7 +141,7 @@ def _quantize_qdq_static(src: Path, dst: Path, config: StaticInt8Config,
                             activation_type=qtype[config.activation_type],
                             weight_type=qtype[config.weight_type],
                             nodes_to_exclude=exclude or None, calibrate_method=method,
-                            extra_options=extra)
+                            extra_options=extra, use_external_data_format=big)
         except (CalibrationError, TargetError):
             raise
         except Exception as e:  # the quantizer raises ValueError, RuntimeError, ORT errors
@@ -142,8 +160,8 @@ def _quantize_qdq_static(src: Path, dst: Path, config: StaticInt8Config,
     moved = shape_reads_skip_qdq(qdq)
     if config.gather_quantized:
         moved += gathers_read_quantized(qdq)
-    if moved:
-        onnx.save(qdq, str(dst))
+    if moved or has_external_data(dst):
+        save_graph(qdq, dst)   # one file again where the int8 weights fit in one
     report = qdq_report(dst)
     check_always_float(report, ALWAYS_FLOAT, dst.name)
     report["calibration_samples"] = reader.count
@@ -162,8 +180,11 @@ def _preprocess(src: Path, out: Path) -> Path:
         single = out.with_name("single.onnx")
         model = onnx.load(str(src))
         reroute_shape_reads(model)
-        onnx.save(model, str(single))
-        quant_pre_process(str(single), str(out), skip_symbolic_shape=True)
+        big = save_graph(model, single)   # past 1 GiB: the weights in single.onnx.data
+        del model
+        quant_pre_process(str(single), str(out), skip_symbolic_shape=True,
+                          save_as_external_data=big, all_tensors_to_one_file=True,
+                          external_data_location=side_car(out).name if big else None)
     except Exception as e:  # onnx / ORT raise many types here
         raise_write_failure(e, within=(out.parent,))   # not a reason to skip pre-processing
         raise ExportError(f"quantization pre-processing of {src.name} failed: "

@@ -6,6 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from pcbedge.bundle.graph_io import has_external_data, save_graph, side_car
 from pcbedge.errors import ExportError
 
 
@@ -24,7 +25,11 @@ def quantize_dynamic_int8(src: Path, dst: Path, config, calibration=None) -> dic
     try:
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
                          op_types_to_quantize=list(config.op_types),
-                         per_channel=config.per_channel)
+                         per_channel=config.per_channel,
+                         use_external_data_format=has_external_data(src))
+        if has_external_data(dst):
+            import onnx
+            save_graph(onnx.load(str(dst)), dst)   # one file again where the int8 weights fit
     except Exception as e:  # the quantizer raises many types
         raise ExportError(f"dynamic INT8 quantization of {src.name} failed: "
                           f"{type(e).__name__}: {e}", fix="check the graph's MatMul weights") from e
@@ -39,7 +44,8 @@ def quantize_int4_weights(src: Path, dst: Path, config, calibration=None) -> dic
         q = MatMulNBitsQuantizer(str(src), bits=4, block_size=config.block_size,
                                  is_symmetric=config.symmetric)
         q.process()
-        q.model.save_model_to_file(str(dst), use_external_data_format=False)
+        q.model.topological_sort()
+        save_graph(q.model.model, dst)   # 4-bit weights past 1 GiB keep a side-car file
     except Exception as e:
         raise ExportError(f"4-bit weight quantization of {src.name} failed: "
                           f"{type(e).__name__}: {e}", fix="check the graph's MatMul weights") from e
@@ -49,5 +55,7 @@ def quantize_int4_weights(src: Path, dst: Path, config, calibration=None) -> dic
 def quantize_fp16(src: Path, dst: Path, config, calibration=None) -> dict:
     if Path(src).resolve() != Path(dst).resolve():
         shutil.copyfile(src, dst)
+        if has_external_data(src):
+            shutil.copyfile(side_car(src), side_car(dst))
     return {**config.to_dict(), "note": "the graph stays FP32 ONNX; the engine builder runs it "
                                         "in FP16"}

@@ -58,10 +58,11 @@ class BundleSessions:
 
 
 def open_bundle(bundle_dir, manifest: dict | None, *, graphs, parser: str, verify: bool = True,
-                threads=None, providers=None):
+                threads=None, providers=None, sessions: bool = True):
     """What every ONNX runner does first: read the manifest unless it was given (validated,
     its signature checked when a trusted key is set, its files verified), check its graphs and
-    answer parser, open the tokenizer and one session per graph.
+    answer parser, open the tokenizer and one session per graph (none with
+    ``sessions=False``: the host side alone, e.g. a parity check's PyTorch phase).
     Returns ``(bundle_dir, manifest, tokenizer, BundleSessions)``."""
     from pcbedge.bundle.manifest import read_manifest_bytes, verify_files
     from pcbedge.bundle.signing import check_trust
@@ -79,9 +80,10 @@ def open_bundle(bundle_dir, manifest: dict | None, *, graphs, parser: str, verif
         raise BundleError(f"bundle {bundle_dir} uses the answer parser {got!r}, unknown to this "
                           f"pcbedge for family {manifest.get('family')!r} (known: {parser})",
                           fix="upgrade pcbedge")
-    sessions = open_sessions(bundle_dir, manifest, threads=threads, providers=providers,
-                             trusted=trusted)
-    return bundle_dir, manifest, load_tokenizer(bundle_dir, manifest), sessions
+    opened = (open_sessions(bundle_dir, manifest, threads=threads, providers=providers,
+                            trusted=trusted) if sessions
+              else BundleSessions(bundle_dir, manifest, {}, [], threads))
+    return bundle_dir, manifest, load_tokenizer(bundle_dir, manifest), opened
 
 
 def require_graphs(bundle_dir: Path, manifest: dict, roles) -> None:

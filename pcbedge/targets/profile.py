@@ -467,17 +467,22 @@ def _merge(base: dict, child: dict) -> dict:
 
 
 def _resolve_extends(data: dict, path: Path, src: str, seen: tuple = ()) -> dict:
-    """``extends = "NAME"``: the profile NAME.toml beside this one, with this file's fields
-    over it (a module profile adds its [hardware] and budget to a shared recipe)."""
+    """``extends = "NAME"``: the profile NAME.toml beside this one, else the shipped target
+    NAME, with this file's fields over it (a module profile adds its [hardware] and budget to a
+    shared recipe; a user's own profile changes one line of a shipped target)."""
     base_name = data.get("extends")
     if base_name is None:
         return data
     if not isinstance(base_name, str) or not NAME_RE.match(base_name):
-        raise _fail(src, "extends", base_name, "the name of a profile beside this file")
+        raise _fail(src, "extends", base_name,
+                    "the name of a profile beside this file or of a shipped target")
     base_path = path.parent / f"{base_name}.toml"
+    if not base_path.is_file():
+        base_path = Path(__file__).parent / f"{base_name}.toml"
     if not base_path.is_file() or base_path.resolve() in seen:
-        why = "extends itself" if base_path.resolve() in seen else f"{base_path} is not found"
-        raise _fail(src, "extends", base_name, f"a profile beside this file ({why})")
+        why = "extends itself" if base_path.resolve() in seen else "no such file"
+        raise _fail(src, "extends", base_name,
+                    f"a profile beside this file or a shipped target ({why})")
     base = _resolve_extends(_read_toml(base_path, str(base_path)), base_path, str(base_path),
                             (*seen, path.resolve()))
     base.pop("name", None)

@@ -17,6 +17,7 @@ heatmap logit moves by the same constant, peaks and ranks stay where they were.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -113,5 +114,7 @@ def fold_score_offset(path: str | Path, offset: float) -> str:
         if t.name == conv.input[2]:
             bias = numpy_helper.to_array(t).astype(np.float32) - np.float32(offset)
             t.CopyFrom(numpy_helper.from_array(bias, t.name))
-    onnx.save(model, str(path))
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)   # a new file: never written through a link into the export
     return conv.name

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 QUESTIONS = ("where are the defects?", "how many shorts are there?")
 ANSWER_TOKENS = 8
 DEFAULT_BOARDS = 1
+RELEASES_MODEL = True   # check_parity takes a ModelHandle (pcbedge.families.base.Family)
 
 
 def random_board(h: int, w: int, seed: int) -> np.ndarray:
@@ -49,47 +50,61 @@ def _board_images(count: int) -> tuple[list, dict]:
                    "ids": [p[0] for p in pairs]}
 
 
-def _check_prompt(family, model, runner, prepared, question: str, case: str,
-                  errors: ParityErrors, rope: dict) -> None:
+def _torch_side(family, model, host, prepared, question: str, case: str, rope: dict) -> dict:
+    """PyTorch's outputs for one input: the vision tower, the embedding of the prompt, and the
+    decoder's prefill and two cached steps, each step fed PyTorch's own previous outputs (the
+    feeds are kept: the ONNX phase runs exactly these). The multimodal positions are checked
+    against transformers' ``get_rope_index`` here."""
     import torch
+
+    from pcbedge.families.qwen_vl.preprocess import rope_index
 
     images = prepared.inputs
     grids = np.asarray(images.grids, np.int64)
     ref = family.reference(model, "vision", {"pixel_values": images.pixel_values,
                                              "grid_thw": grids})["image_embeds"]
-    enc = runner.encode(prepared)     # image by image, as the runner answers
-    errors.add("vision", "image_embeds", np.concatenate(enc.outputs), ref, case)
-    if len(images.grids) > 1:         # and all images in one call (block-diagonal mask)
-        both = runner.sessions["vision"].run(None, runner.vision_feeds(images))[0]
-        errors.add("vision", "image_embeds", both, ref, f"{case} (one call)")
-    prompt_ids = runner.prompt(question, images)
+    prompt_ids = host.prompt(question, images)
     ids = np.asarray([prompt_ids], np.int64)
     ref_e = family.reference(model, "embed", {"input_ids": ids})["inputs_embeds"]
-    got_e = runner.sessions["embed"].run(None, {"input_ids": ids})[0]
-    errors.add("embed", "inputs_embeds", got_e, ref_e, case)
     with torch.no_grad():
         ref_pos, _ = model.model.get_rope_index(torch.from_numpy(ids),
                                                 image_grid_thw=torch.from_numpy(grids))
-    from pcbedge.families.qwen_vl.preprocess import rope_index
-    pos = rope_index(prompt_ids, images.grids, image_token_id=runner.image_token_id,
-                     merge=runner.recipe.merge_size)
+    pos = rope_index(prompt_ids, images.grids, image_token_id=host.image_token_id,
+                     merge=host.recipe.merge_size)
     rope["checked"] += 1
     if not np.array_equal(pos, ref_pos.numpy()[:, 0]):
         rope["mismatches"].append(case)
     embeds = ref_e.copy()
-    embeds[0, ids[0] == runner.image_token_id] = ref
+    embeds[0, ids[0] == host.image_token_id] = ref
     feeds = {"inputs_embeds": embeds, "position_ids": pos[:, None].copy(),
-             "past": np.zeros(runner.kv_shape, np.float32)}
+             "past": np.zeros(host.kv_shape, np.float32)}
     nxt = int(pos.max()) + 1
+    steps = []
     for step in range(3):   # prefill, then two cached steps
         r = family.reference(model, "decoder", feeds)
-        logits, present = runner.sessions["decoder"].run(None, feeds)
-        errors.add("decoder", "logits", logits, r["logits"], f"{case} step {step}")
-        errors.add("decoder", "present", present, r["present"], f"{case} step {step}")
+        steps.append((feeds, r))
         tok = np.asarray([[int(r["logits"][0].argmax())]], np.int64)
         feeds = {"inputs_embeds": family.reference(model, "embed", {"input_ids": tok})[
                      "inputs_embeds"],
                  "position_ids": np.full((3, 1, 1), nxt + step, np.int64), "past": r["present"]}
+    return {"case": case, "prepared": prepared, "vision": ref, "ids": ids, "embed": ref_e,
+            "steps": steps}
+
+
+def _onnx_side(runner, rec: dict, errors: ParityErrors) -> None:
+    """The bundle's graphs on the inputs PyTorch saw, against its outputs."""
+    case, images = rec["case"], rec["prepared"].inputs
+    enc = runner.encode(rec["prepared"])     # image by image, as the runner answers
+    errors.add("vision", "image_embeds", np.concatenate(enc.outputs), rec["vision"], case)
+    if len(images.grids) > 1:         # and all images in one call (block-diagonal mask)
+        both = runner.sessions["vision"].run(None, runner.vision_feeds(images))[0]
+        errors.add("vision", "image_embeds", both, rec["vision"], f"{case} (one call)")
+    got_e = runner.sessions["embed"].run(None, {"input_ids": rec["ids"]})[0]
+    errors.add("embed", "inputs_embeds", got_e, rec["embed"], case)
+    for step, (feeds, r) in enumerate(rec["steps"]):
+        logits, present = runner.sessions["decoder"].run(None, feeds)
+        errors.add("decoder", "logits", logits, r["logits"], f"{case} step {step}")
+        errors.add("decoder", "present", present, r["present"], f"{case} step {step}")
 
 
 def _check_patches(runner, prepared, images, case: str, errors: ParityErrors,
@@ -115,9 +130,13 @@ def _check_patches(runner, prepared, images, case: str, errors: ParityErrors,
 
 
 def check_parity(family, model, bundle_dir: Path, manifest: dict, *, sizes=None,
-                      boards: int | None = None, atol: float = 1e-3,
-                      rtol: float = 1e-3) -> dict:
-    """The manifest's ``parity`` block, or ExportError."""
+                 boards: int | None = None, atol: float = 1e-3, rtol: float = 1e-3) -> dict:
+    """The manifest's ``parity`` block, or ExportError. Two phases: PyTorch's outputs and
+    greedy answers first, then (the model released when ``model`` is a
+    :class:`~pcbedge.export.graphs.ModelHandle`) the bundle's sessions on the same inputs."""
+    import gc
+
+    from pcbedge.export.graphs import ModelHandle
     from pcbedge.families.qwen_vl.export import generate_reference
     from pcbedge.families.qwen_vl.runner import QwenVlOnnxRunner
 
@@ -128,8 +147,10 @@ def check_parity(family, model, bundle_dir: Path, manifest: dict, *, sizes=None,
     if bad:
         raise ExportError(f"parity sizes {bad} are not (height, width) pairs of at least 28 px",
                           fix="use sizes such as [(448, 448), (224, 448)]")
-    runner = QwenVlOnnxRunner(bundle_dir, manifest, providers=["CPUExecutionProvider"],
-                              pruning={"method": "none"})
+    release = isinstance(model, ModelHandle)
+    if release:
+        model = model.take()
+    host = QwenVlOnnxRunner(bundle_dir, manifest, pruning={"method": "none"}, sessions=False)
     errors = ParityErrors(atol, rtol)
     rope = {"checked": 0, "mismatches": []}
     inputs = []
@@ -139,21 +160,33 @@ def check_parity(family, model, bundle_dir: Path, manifest: dict, *, sizes=None,
     pairs, board_source = _board_images(DEFAULT_BOARDS if boards is None else int(boards))
     inputs += [(f"board {bid}", test, tmpl) for bid, test, tmpl in pairs]
     patches = {"checked": 0, "max_abs": 0.0}
-    for case, img, tmpl in inputs:
-        prepared = runner.prepare(img, tmpl)
-        _check_patches(runner, prepared, [img] if tmpl is None else [img, tmpl], case, errors,
+    records, answers_ref = [], []
+    for case, img, tmpl in inputs:                      # phase 1: PyTorch
+        prepared = host.prepare(img, tmpl)
+        _check_patches(host, prepared, [img] if tmpl is None else [img, tmpl], case, errors,
                        patches)
-        _check_prompt(family, model, runner, prepared, QUESTIONS[0], case, errors, rope)
-    checked, mismatches = 0, []
-    for case, img, tmpl in inputs[:2]:
-        enc = runner.encode(runner.prepare(img, tmpl))
+        records.append(_torch_side(family, model, host, prepared, QUESTIONS[0], case, rope))
+    for rec in records[:2]:
         for q in QUESTIONS:
-            ids = runner.prompt(q, enc.prepared.inputs)
-            got = runner.generate(ids, enc, max_new_tokens=ANSWER_TOKENS)["token_ids"]
-            ref = generate_reference(model, ids, enc.prepared.inputs, ANSWER_TOKENS)
-            checked += 1
-            if got != ref:
-                mismatches.append({"input": case, "question": q, "onnx": got, "torch": ref})
+            ids = host.prompt(q, rec["prepared"].inputs)
+            answers_ref.append((rec, q, ids, generate_reference(model, ids,
+                                                                rec["prepared"].inputs,
+                                                                ANSWER_TOKENS)))
+    if release:
+        del model
+        gc.collect()
+    runner = QwenVlOnnxRunner(bundle_dir, manifest, providers=["CPUExecutionProvider"],
+                              pruning={"method": "none"})
+    for rec in records:                                 # phase 2: ONNX Runtime
+        _onnx_side(runner, rec, errors)
+    checked, mismatches = 0, []
+    for rec, q, ids, ref in answers_ref:
+        enc = runner.encode(rec["prepared"])
+        got = runner.generate(ids, enc, max_new_tokens=ANSWER_TOKENS)["token_ids"]
+        checked += 1
+        if got != ref:
+            mismatches.append({"input": rec["case"], "question": q, "onnx": got, "torch": ref})
+    runner.close()
     answers = {"checked": checked, "identical": checked - len(mismatches),
                "max_new_tokens": ANSWER_TOKENS, "questions": list(QUESTIONS),
                "mismatches": mismatches[:5]}

@@ -87,39 +87,49 @@ def measure_drift(export_dir: Path, stage: Path, manifest: dict, boards: int = D
                   tokens: int = DRIFT_TOKENS) -> dict:
     """The staged graphs against the FP32 export on embedded-sample boards (board + template):
     image embeddings and first-token logits (relative L2), greedy tokens (share of the FP32
-    answer's tokens reproduced before the first difference, and exact answers)."""
+    answer's tokens reproduced before the first difference, and exact answers).
+
+    The FP32 pass runs first and its runner is closed before the staged graphs open: at a 2B
+    model's size the two sets of sessions would not fit the build box together."""
     from pcbedge.data.deeppcb import find_data_root, read_list
     from pcbedge.families.qwen_vl.preprocess import load_rgb
     from pcbedge.families.qwen_vl.runner import QwenVlOnnxRunner
 
-    ref = _fp32_runner(export_dir, manifest)
-    staged = {**manifest, "pruning": None}
-    qnt = QwenVlOnnxRunner(stage, staged, threads=None)
-    emb, logit, prefix, exact = [], [], [], 0
     chosen = read_list(find_data_root(None), "bench.txt")[:boards]
-    for b in chosen:
-        test, template = load_rgb(b.test_path), load_rgb(b.template_path)
-        er, eq = ref.encode(ref.prepare(test, template)), qnt.encode(qnt.prepare(test, template))
-        emb.append(_rel_l2(np.concatenate(eq.outputs), np.concatenate(er.outputs)))
-        ids = ref.prompt(CALIBRATION_QUESTION, er.prepared.inputs)
-        fr, fq = (r.prefill_inputs(ids, e, r.pruning) for r, e in ((ref, er), (qnt, eq)))
-        past = np.zeros(ref.kv_shape, np.float32)
-        lr = ref.sessions["decoder"].run(None, {"inputs_embeds": fr[0], "position_ids": fr[1],
-                                                "past": past})[0]
-        lq = qnt.sessions["decoder"].run(None, {"inputs_embeds": fq[0], "position_ids": fq[1],
-                                                "past": past})[0]
+    images = [(load_rgb(b.test_path), load_rgb(b.template_path)) for b in chosen]
+    ref = _fp32_runner(export_dir, manifest)
+    fp32 = [_answer_pass(ref, test, template, tokens) for test, template in images]
+    ref.close()
+    del ref
+    qnt = QwenVlOnnxRunner(stage, {**manifest, "pruning": None}, threads=None)
+    emb, logit, prefix, exact = [], [], [], 0
+    for (test, template), (er, lr, tr) in zip(images, fp32):
+        eq, lq, tq = _answer_pass(qnt, test, template, tokens)
+        emb.append(_rel_l2(eq, er))
         logit.append(_rel_l2(lq, lr))
-        tr = ref.generate(ids, er, max_new_tokens=tokens)["token_ids"]
-        tq = qnt.generate(ids, eq, max_new_tokens=tokens)["token_ids"]
         same = next((i for i, (a, c) in enumerate(zip(tr, tq)) if a != c), min(len(tr), len(tq)))
         prefix.append(same / max(len(tr), 1))
         exact += tr == tq
+    qnt.close()
     n = len(chosen)
     return {"boards": n, "question": CALIBRATION_QUESTION, "max_new_tokens": tokens,
             "image_embeds_rel_l2": float(np.mean(emb)) if n else None,
             "first_logits_rel_l2": float(np.mean(logit)) if n else None,
             "token_prefix_agreement": float(np.mean(prefix)) if n else None,
             "answers_identical": f"{exact}/{n}"}
+
+
+def _answer_pass(runner, test, template, tokens: int):
+    """One board through ``runner``: its image embeddings, the prefill's logits and the greedy
+    answer's tokens."""
+    enc = runner.encode(runner.prepare(test, template))
+    ids = runner.prompt(CALIBRATION_QUESTION, enc.prepared.inputs)
+    embeds, pos, _, _ = runner.prefill_inputs(ids, enc, runner.pruning)
+    logits = runner.sessions["decoder"].run(None, {
+        "inputs_embeds": embeds, "position_ids": pos,
+        "past": np.zeros(runner.kv_shape, np.float32)})[0]
+    answer = runner.generate(ids, enc, max_new_tokens=tokens)["token_ids"]
+    return np.concatenate(enc.outputs), logits, answer
 
 
 def after_quantize(group: str, stage: Path, export_dir: Path, manifest: dict, profile, cal_set,

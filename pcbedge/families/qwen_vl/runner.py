@@ -79,10 +79,10 @@ class QwenVlOnnxRunner(Runner):
 
     def __init__(self, bundle_dir: str | Path, manifest: dict | None = None, *,
                  threads: int | None = None, providers: list[str] | None = None,
-                 pruning=None, verify: bool = True):
+                 pruning=None, verify: bool = True, sessions: bool = True):
         self.bundle_dir, self.manifest, self.tokenizer, self.ort = open_bundle(
             bundle_dir, manifest, graphs=GRAPHS, parser=PARSER, verify=verify, threads=threads,
-            providers=providers)
+            providers=providers, sessions=sessions)
         manifest, ans = self.manifest, self.manifest["answer"]
         self.pruning = as_pruning_config(manifest["pruning"] if pruning is None else pruning)
         self.chat_template = read_chat_template(self.bundle_dir, manifest)
@@ -99,7 +99,7 @@ class QwenVlOnnxRunner(Runner):
         self.special_tokens = dict(ans.get("special_tokens") or {})
         self.defect_types = tuple(ans["defect_types"])
         self.box_coords = ans["box_coordinates"]
-        self.vision_inputs = self.ort.input_names("vision")
+        self.vision_inputs = self.ort.input_names("vision") if sessions else None
 
     def close(self) -> None:
         self.sessions.clear()

@@ -1,0 +1,49 @@
+"""Reading and writing graphs of any size in a build: a graph whose weights pass
+``EXTERNAL_DATA_BYTES`` keeps them in one side-car file ``<graph>.data`` (protobuf cannot hold
+more than 2 GB, and a 2B model's decoder is 6 GB in FP32); a smaller one is one file. A side-car
+left from an earlier write of the same graph is removed, so a bundle never ships a stale one.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+EXTERNAL_DATA_BYTES = 1 << 30   # the exporter's threshold too
+
+
+def side_car(path: Path) -> Path:
+    return path.with_name(path.name + ".data")
+
+
+def has_external_data(path: Path) -> bool:
+    return side_car(Path(path)).is_file()
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the initializers' data held in ``model`` (raw or typed fields; those still on
+    disk count by their external length)."""
+    from onnx.external_data_helper import uses_external_data
+
+    total = 0
+    for t in model.graph.initializer:
+        if uses_external_data(t):
+            total += int(next((e.value for e in t.external_data if e.key == "length"), 0))
+        else:
+            total += len(t.raw_data) or t.ByteSize()
+    return total
+
+
+def save_graph(model, path: Path) -> bool:
+    """Write ``model`` (weights loaded) to ``path``; returns whether its weights went to the
+    side-car."""
+    import onnx
+
+    path = Path(path)
+    external = weight_bytes(model) > EXTERNAL_DATA_BYTES
+    side = side_car(path)
+    side.unlink(missing_ok=True)
+    if external:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=side.name)
+    else:
+        onnx.save(model, str(path))
+    return external

@@ -1,0 +1,115 @@
+"""Graphs past protobuf's reach, as a 2B-class checkpoint makes them, on a tiny model: with the
+external-data threshold at 0 every graph keeps its weights in a side-car ``.data`` file through
+export (never read back into memory), build (static INT8 vision, 4-bit decoder: the quantizers
+read and write side-cars) and bench (``max_new_tokens``). Also: a user's profile that
+``extends`` a shipped target from another folder (benchmarks/real_size/x86-cpu-int4.toml)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("torch")
+
+from pcbedge import api  # noqa: E402
+from pcbedge.bundle.manifest import read_manifest, verify_files  # noqa: E402
+from pcbedge.errors import TargetError  # noqa: E402
+from pcbedge.targets.profile import load_profile  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+INT4_PROFILE = ROOT / "benchmarks" / "real_size" / "x86-cpu-int4.toml"
+OPEN_GATES = {"p95_ms_max": 1e9, "max_map_drop": 1.0, "max_count_drop": 1.0,
+              "max_hallucination_rise": 1e9, "min_map": 0.0, "max_question_drop": 1.0}
+
+
+@pytest.fixture(scope="module")
+def side_car_export(tmp_path_factory):
+    from pcbedge.bundle import graph_io
+    from pcbedge.export import exporter
+    from pcbedge.recipes import build
+    from pcbedge.testing import tiny_qwen2_vl
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(exporter, "EXTERNAL_DATA_BYTES", 0)
+    mp.setattr(graph_io, "EXTERNAL_DATA_BYTES", 0)
+    mp.setattr(build, "LINK_BYTES", 0)          # every export file hard-linked into the stage
+    root = tmp_path_factory.mktemp("large")
+    export = api.export_model(tiny_qwen2_vl(root), root / "export", check_boards=0,
+                              parity_sizes=[(56, 84)], progress=False)
+    yield root, export
+    mp.undo()
+
+
+@pytest.mark.covers("qwen2_vl", "export")
+def test_export_keeps_the_exporters_side_cars(side_car_export):
+    _, export = side_car_export
+    m = read_manifest(export)
+    assert m["parity"]["passed"] is True
+    for role in ("vision", "decoder"):
+        f = m["graphs"][role]["file"]
+        assert f + ".data" in m["files"], role
+        assert (export / f).stat().st_size < (export / f"{f}.data").stat().st_size
+    steps = m["export_peak_rss_mb"]
+    assert set(steps) >= {"load model", "export vision", "export decoder", "parity"}
+    assert all(v > 0 for v in steps.values())
+    values = list(steps.values())
+    assert values == sorted(values)                      # peaks so far: never down
+
+
+@pytest.mark.covers("qwen2_vl", "build", "x86-cpu")
+def test_build_reads_and_writes_side_cars(side_car_export):
+    import onnx
+
+    root, export = side_car_export
+    before = read_manifest(export)
+    out = api.build_bundle(str(INT4_PROFILE), export, root / "int4", progress=False)
+    verify_files(export, before)      # linked, never written through: the export is intact
+    m = read_manifest(out)
+    verify_files(out, m)
+    assert (out / "embed.onnx").stat().st_ino == (export / "embed.onnx").stat().st_ino
+    assert m["precision"] == {"vision": "int8", "decoder": "int4"}
+    assert len(m["calibration"]["boards"]) <= 8
+    for role, op in (("vision", "QuantizeLinear"), ("decoder", "MatMulNBits")):
+        f = m["graphs"][role]["file"]
+        assert f + ".data" in m["files"], role        # threshold 0: the quantizer's side-car
+        ops = {n.op_type for n in onnx.load(str(out / f)).graph.node}
+        assert op in ops, role
+    drift = m["quantization"]["groups"]["decoder"]["drift_vs_fp32"]
+    assert 0 <= drift["first_logits_rel_l2"] < 0.5
+    runner = api.load_runner(out, threads=1)
+    from pcbedge.families.qwen_vl.parity import random_board
+    ans = runner.ask(random_board(112, 112, seed=1), random_board(112, 112, seed=2),
+                     "where are the defects?", max_new_tokens=4)
+    assert 1 <= len(ans["token_ids"]) <= 4
+
+
+@pytest.mark.covers("qwen2_vl", "bench")
+def test_bench_caps_the_answer_length(side_car_export, tmp_path):
+    root, export = side_car_export
+    bundle = root / "int4"
+    if not (bundle / "manifest.json").is_file():
+        api.build_bundle(str(INT4_PROFILE), export, bundle, progress=False)
+    report = api.run_benchmark(bundle, out_dir=tmp_path / "b", gates=OPEN_GATES, queries=2,
+                               min_seconds=0.0, warmup=0, max_boards=1, progress=False,
+                               max_new_tokens=3, resume=True)
+    assert report["workload"]["max_new_tokens"] == 3
+    lines = (tmp_path / "b" / "answers" / "bundle.jsonl").read_text().splitlines()[1:]
+    lengths = [len(a["token_ids"]) for line in lines for a in json.loads(line)["answers"]]
+    assert lengths and max(lengths) <= 3      # random weights run to the cap: 3, not 64
+    with pytest.raises(Exception, match="max_new_tokens 0"):
+        api.run_benchmark(bundle, out_dir=tmp_path / "c", max_new_tokens=0, progress=False)
+
+
+def test_a_profile_extends_a_shipped_target_from_anywhere(tmp_path):
+    p = load_profile(INT4_PROFILE).for_family("qwen_vl")
+    assert p.precision.decoder == "int4" and p.threads == 2     # the rest is x86-cpu's
+    mine = tmp_path / "line-7.toml"
+    mine.write_text('name = "line-7"\nextends = "x86-cpu"\nlatency_budget_ms = 250.0\n'
+                    '[gates]\np95_ms_max = 250.0\n')
+    got = load_profile(mine)
+    assert got.latency_budget_ms == 250.0 and got.precision.vision == "int8"
+    mine.write_text('name = "line-7"\nextends = "no-such-target"\n')
+    with pytest.raises(TargetError, match="no-such-target"):
+        load_profile(mine)
