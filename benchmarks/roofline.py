@@ -6,7 +6,8 @@ for a CPU target's ``[hardware]`` (pcbedge/targets/x86-cpu.toml records the run)
 * GEMM rates through onnxruntime's CPU provider (the kernels the bundles run), each a single
   large MatMul node timed after warm-up: fp32 ``MatMul``; int8 ``MatMulInteger`` with u8 x u8
   (what the x86-cpu profile builds) and u8 x s8; 4-bit ``MatMulNBits`` (block 32) at M = 1
-  (decode) and M = 256 (prefill). Reported as dense TOPS (1 MAC = 2 ops).
+  (decode) and M = 256 (prefill), with float compute and with ``accuracy_level`` 4 (``int4a8``:
+  int8 activations). Reported as dense TOPS (1 MAC = 2 ops).
 * Memory bandwidth: numpy copy of a 512 MiB array (read + write bytes), best of 5; cache
   bandwidth: the same copy of 4 MiB, which stays in the last-level cache.
 * Per-node overhead: a chain of 400 tiny Add nodes, minus nothing: time per node.
@@ -63,13 +64,16 @@ def gemm_rate(kind: str, m: int, k: int, n: int, threads: int, runs: int) -> dic
             rng.integers(0, 255, (m, k)).astype(np.uint8)
         inits = [w]
         domain = []
-    elif kind == "int4":
+    elif kind in ("int4", "int4a8"):
         block = 32
         packed = rng.integers(0, 255, (n, k // block, block // 2)).astype(np.uint8)
         scales = rng.random(n * (k // block)).astype(np.float32)
         inits = [numpy_helper.from_array(packed, "W"), numpy_helper.from_array(scales, "S")]
         node = helper.make_node("MatMulNBits", ["A", "W", "S"], ["Y"], domain="com.microsoft",
-                                K=k, N=n, bits=4, block_size=block)
+                                K=k, N=n, bits=4, block_size=block,
+                                # int4a8: accuracy_level 4, activations quantized to int8 per
+                                # block and int8 dot products (MLAS's CompInt8 path)
+                                **({"accuracy_level": 4} if kind == "int4a8" else {}))
         a_type, y_type, a = TensorProto.FLOAT, TensorProto.FLOAT, \
             rng.standard_normal((m, k), np.float32)
         domain = [helper.make_opsetid("com.microsoft", 1)]
@@ -132,7 +136,8 @@ def main(argv=None) -> int:
            "threads": args.threads, "gemm": []}
     for kind, m, k, n in (("fp32", 512, 2048, 2048), ("u8u8", 512, 2048, 2048),
                           ("u8s8", 512, 2048, 2048), ("int4", 1, 2048, 8192),
-                          ("int4", 256, 2048, 2048), ("fp32", 1, 2048, 8192)):
+                          ("int4", 256, 2048, 2048), ("int4a8", 1, 2048, 8192),
+                          ("int4a8", 256, 2048, 2048), ("fp32", 1, 2048, 8192)):
         r = gemm_rate(kind, m, k, n, args.threads, args.runs)
         res["gemm"].append(r)
         print(f"{kind:5} M={m:4} K={k} N={n}: {r['tops'] * 1e3:8.1f} GOPS "

@@ -76,6 +76,12 @@ def test_build_reads_and_writes_side_cars(side_car_export):
         assert f + ".data" in m["files"], role        # threshold 0: the quantizer's side-car
         ops = {n.op_type for n in onnx.load(str(out / f)).graph.node}
         assert op in ops, role
+    from onnx import helper
+    nbits = [n for n in onnx.load(str(out / "decoder.onnx")).graph.node
+             if n.op_type == "MatMulNBits"]
+    assert {helper.get_attribute_value(a) for n in nbits for a in n.attribute
+            if a.name == "accuracy_level"} == {4}          # int4_compute = "int8"
+    assert m["quantization"]["graphs"]["decoder"]["config"]["compute"] == "int8"
     drift = m["quantization"]["groups"]["decoder"]["drift_vs_fp32"]
     assert 0 <= drift["first_logits_rel_l2"] < 0.5
     runner = api.load_runner(out, threads=1)

@@ -123,8 +123,15 @@ class WeightOnlyInt4Config(_Recipe):
 
     block_size: int = 32
     symmetric: bool = True
+    # what MatMulNBits computes with (its accuracy_level): "float" dequantizes the weights;
+    # "int8" quantizes the activations per block and uses int8 dot products (4.7x the float
+    # path's matrix-vector rate on the 2-core build box, docs/real-size.md)
+    compute: str = "float"
 
     def __post_init__(self):
+        if self.compute not in INT4_COMPUTE:
+            raise TargetError(f"int4 compute {self.compute!r} is not one of "
+                              f"{', '.join(INT4_COMPUTE)}", fix='use "float" or "int8"')
         b = self.block_size
         if isinstance(b, bool) or not isinstance(b, int) or b < 16 or b & (b - 1):
             raise TargetError(f"block_size {b!r} is not a power of two >= 16",
@@ -139,6 +146,7 @@ class Fp16Config(_Recipe):
     precision: ClassVar[str] = "fp16"
 
 
+INT4_COMPUTE = {"float": None, "int8": 4}   # -> MatMulNBits accuracy_level (None: unset)
 RECIPES = (StaticInt8Config, DynamicInt8Config, WeightOnlyInt4Config, Fp16Config)
 
 # The Q/DQ flavour each runtime reads best. TensorRT's explicit quantization takes int8 with zero
@@ -164,7 +172,7 @@ def config_for_group(profile, group: str):
     if precision == "fp16":
         return Fp16Config()
     if precision == "int4":
-        return WeightOnlyInt4Config(block_size=q.block_size)
+        return WeightOnlyInt4Config(block_size=q.block_size, compute=q.int4_compute)
     ops = tuple(getattr(q, f"{group}_ops"))
     if group == "decoder" and q.decoder_method == "dynamic":
         return DynamicInt8Config(op_types=ops or ("MatMul",), per_channel=q.per_channel)

@@ -41,8 +41,10 @@ def quantize_int4_weights(src: Path, dst: Path, config, calibration=None) -> dic
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(
         logging.WARNING)   # it logs every node it skips at INFO
     try:
+        from pcbedge.recipes.configs import INT4_COMPUTE
         q = MatMulNBitsQuantizer(str(src), bits=4, block_size=config.block_size,
-                                 is_symmetric=config.symmetric)
+                                 is_symmetric=config.symmetric,
+                                 accuracy_level=INT4_COMPUTE[config.compute])
         q.process()
         q.model.topological_sort()
         save_graph(q.model.model, dst)   # 4-bit weights past 1 GiB keep a side-car file

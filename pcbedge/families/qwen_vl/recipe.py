@@ -17,6 +17,7 @@ DECODER_STEPS = 4          # int8 static: cached greedy steps per image in the c
 DRIFT_BOARDS = 2           # embedded-sample boards the build's drift check answers
 DRIFT_TOKENS = 16
 QUESTION_TOKENS = 64       # TensorRT opt shape of the text part of a prompt
+CALIBRATION_TILE_PATCHES = 256   # vision calibration feeds: at most this many patches each
 
 
 def apply_shapes(manifest: dict, shapes, say) -> None:
@@ -44,21 +45,43 @@ def _board_images(cal_set) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def calibration_feeds(group: str, role: str, export_dir: Path, manifest: dict, cal_set):
-    """Vision: one feed per image (board and template) of each calibration board. Decoder:
-    the prefill and ``DECODER_STEPS - 1`` cached greedy steps per board, run in FP32."""
+    """Vision: each image (board and template) of each calibration board, as the runner resizes
+    it, in tiles of at most ``CALIBRATION_TILE_PATCHES`` patches (one feed each): onnxruntime's
+    calibrator keeps every calibrated tensor of a run alive to its end, 12 GB for one
+    1,024-patch image of a 2B vision tower, a quarter of that for a quarter of the patches;
+    together the tiles cover every pixel at the inference scale. Decoder: the prefill and
+    ``DECODER_STEPS - 1`` cached greedy steps per board, run in FP32."""
+    from pcbedge.families.qwen_vl.runner import QwenVlOnnxRunner
+    if role == "vision":       # preprocessing only: no session is opened
+        host = QwenVlOnnxRunner(export_dir, manifest, pruning={"method": "none"},
+                                sessions=False)
+        return [f for pair in _board_images(cal_set) for image in pair
+                for f in _tile_feeds(host, image)]
     runner = _fp32_runner(export_dir, manifest)
+    try:
+        feeds = []
+        for test, template in _board_images(cal_set):
+            feeds += decoder_feeds(runner, runner.encode(runner.prepare(test, template)),
+                                   DECODER_STEPS)
+        return feeds
+    finally:
+        runner.close()
+
+
+def _tile_feeds(host, image: np.ndarray) -> list[dict]:
+    from PIL import Image
+
+    r = host.recipe
+    h, w = host.prepare(image).inputs.resized[0]
+    f = r.patch_size * r.merge_size
+    side = max(f, int(np.sqrt(CALIBRATION_TILE_PATCHES)) * r.patch_size // f * f)
+    resized = np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
     feeds = []
-    for test, template in _board_images(cal_set):
-        prepared = runner.prepare(test, template)
-        if role == "vision":
-            images = prepared.inputs
-            counts = [t * h * w for t, h, w in images.grids]
-            starts = np.concatenate([[0], np.cumsum(counts)])
-            feeds += [runner.vision_feeds(images, [g], images.pixel_values[starts[i]:
-                                                                           starts[i + 1]])
-                      for i, g in enumerate(images.grids)]
-        else:
-            feeds += decoder_feeds(runner, runner.encode(prepared), DECODER_STEPS)
+    for y in range(0, h, side):
+        for x in range(0, w, side):
+            tile = resized[y:y + side, x:x + side]
+            if min(tile.shape[:2]) >= f:
+                feeds.append(host.vision_feeds(host.prepare(tile).inputs))
     return feeds
 
 

@@ -99,7 +99,8 @@ class QwenVlOnnxRunner(Runner):
         self.special_tokens = dict(ans.get("special_tokens") or {})
         self.defect_types = tuple(ans["defect_types"])
         self.box_coords = ans["box_coordinates"]
-        self.vision_inputs = self.ort.input_names("vision") if sessions else None
+        # the manifest's names (each session's were checked against them when it opened)
+        self.vision_inputs = [t["name"] for t in manifest["graphs"]["vision"]["inputs"]]
 
     def close(self) -> None:
         self.sessions.clear()
