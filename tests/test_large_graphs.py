@@ -119,3 +119,40 @@ def test_a_profile_extends_a_shipped_target_from_anywhere(tmp_path):
     mine.write_text('name = "line-7"\nextends = "no-such-target"\n')
     with pytest.raises(TargetError, match="no-such-target"):
         load_profile(mine)
+
+
+@pytest.mark.parametrize("trans_b, bias", [(1, False), (0, True), (1, True)])
+def test_gemm_heads_become_matmuls_exactly(trans_b, bias):
+    """A tied LM head comes out of the exporter as Gemm(x, W, transB=1): rewritten to MatMul
+    (+ Add) so the 4-bit quantizer takes it; the same outputs, to float rounding."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pcbedge.recipes.weights import gemms_as_matmuls
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((12, 8) if trans_b else (8, 12)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "W")]
+    ins = ["x", "W"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(12).astype(np.float32), "C"))
+        ins.append("C")
+    node = helper.make_node("Gemm", ins, ["y"], transB=trans_b)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                          [3, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 12])],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+
+    def run(m):
+        s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return s.run(None, {"x": x})[0]
+
+    want = run(model)
+    assert gemms_as_matmuls(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["MatMul"] + (["Add"] if bias else [])
+    onnx.checker.check_model(model)
+    np.testing.assert_allclose(run(model), want, rtol=1e-6, atol=1e-6)

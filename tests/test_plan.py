@@ -89,6 +89,14 @@ def test_gemm_qdq_int8_and_4bit_and_gemv_precisions(tmp_path):
     c1 = graph_cost(path, {"m": 1})                # one row: matrix-vector kernels
     assert c1.macs == {"int8:gemv": k * n, "int4:gemv": k * n, "fp32:gemv": k * n}
     assert c.nodes == 3                            # the weight's DequantizeLinear is fused
+    nodes[2] = helper.make_node("MatMulNBits", ["a", "wb", "ws"], ["y2"], domain="com.microsoft",
+                                K=k, N=n, bits=4, block_size=32, accuracy_level=4)
+    path = _save(tmp_path, nodes, [helper.make_tensor_value_info("a", TensorProto.FLOAT,
+                                                                 ["m", k])], outs, inits,
+                 name="a4.onnx", ms=True)
+    c4 = graph_cost(path, {"m": 1})                # int8 activations: int8 dot products
+    assert c4.macs == {"int8:gemv": 2 * k * n, "fp32:gemv": k * n}
+    assert c4.weight_bytes == c1.weight_bytes      # still the 4-bit weights that are read
 
 
 def test_an_embedding_lookup_reads_its_rows_not_its_table(tmp_path):

@@ -47,3 +47,15 @@ def save_graph(model, path: Path) -> bool:
     else:
         onnx.save(model, str(path))
     return external
+
+
+def shareable(folder: Path) -> None:
+    """Files the exporters and quantizers wrote through private temporaries (external weight
+    data comes out 0600) get the user's umask, like every other file pcbedge writes: a bundle
+    is deployed and run by other accounts."""
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in Path(folder).rglob("*"):
+        if p.is_file() and not p.is_symlink() and p.stat().st_nlink == 1:   # links: the export's
+            os.chmod(p, 0o666 & ~mask)

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
-from pcbedge.bundle.graph_io import EXTERNAL_DATA_BYTES   # more weights: a .onnx.data file
+from pcbedge.bundle.graph_io import EXTERNAL_DATA_BYTES, shareable   # past it: .onnx.data
 
 
 def export_model(model_dir: str | Path, out_dir: str | Path, *, opset: int = DEFAULT_OPSET,
@@ -87,22 +87,10 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, opset: int = DEF
         bar.update()
         bar.set_description("manifest")
         manifest["files"] = list_files(stage)
-        _shareable(stage)
+        shareable(stage)
         write_manifest(stage, manifest, partial=True)   # revealed as manifest.json last
         bar.update()
     return out_dir
-
-
-def _shareable(stage: Path) -> None:
-    """Files the exporters wrote through private temporaries (external weight data comes out
-    0600) get the user's umask, like every other file pcbedge writes: a bundle is deployed and
-    run by other accounts."""
-    import os
-    mask = os.umask(0)
-    os.umask(mask)
-    for p in stage.rglob("*"):
-        if p.is_file():
-            os.chmod(p, 0o666 & ~mask)
 
 
 def _require(*modules: str) -> None:

@@ -221,7 +221,9 @@ def _precision(node, producers: dict, shapes: dict) -> str:
     if node.op_type in INT8_OPS:
         return "int8"
     if node.op_type == "MatMulNBits":
-        return "int4"
+        # accuracy_level 4: activations quantized per block, int8 dot products (the int4
+        # weights are still what is read: the bytes are counted from the initializers)
+        return "int8" if _attrs(node).get("accuracy_level") == 4 else "int4"
     # QDQ: a weight (second input) that comes out of DequantizeLinear computes in int8 where the
     # runtime fuses it, which onnxruntime's CPU provider and TensorRT do
     src = producers.get(node.input[1]) if len(node.input) > 1 else None

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pcbedge.bundle.graph_io import side_car
+from pcbedge.bundle.graph_io import shareable, side_car
 from pcbedge.errors import BundleError, CalibrationError, OutputError, TargetError
 
 log = logging.getLogger(__name__)
@@ -200,6 +200,7 @@ def assemble(stage: Path, export_dir: Path, source: dict, family, profile, pruni
                          "profile_family_overrides": profile.family or None,
                          "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                          "tools": _tool_versions()}
+    shareable(stage)
     manifest["files"] = list_files(stage)
     return manifest
 

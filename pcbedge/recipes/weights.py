@@ -6,6 +6,8 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from pcbedge.bundle.graph_io import has_external_data, save_graph, side_car
 from pcbedge.errors import ExportError
 
@@ -41,8 +43,12 @@ def quantize_int4_weights(src: Path, dst: Path, config, calibration=None) -> dic
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(
         logging.WARNING)   # it logs every node it skips at INFO
     try:
+        import onnx
+
         from pcbedge.recipes.configs import INT4_COMPUTE
-        q = MatMulNBitsQuantizer(str(src), bits=4, block_size=config.block_size,
+        model = onnx.load(str(src))
+        gemms_as_matmuls(model)   # a tied LM head is exported as Gemm(x, W, transB=1)
+        q = MatMulNBitsQuantizer(model, bits=4, block_size=config.block_size,
                                  is_symmetric=config.symmetric,
                                  accuracy_level=INT4_COMPUTE[config.compute])
         q.process()
@@ -52,6 +58,44 @@ def quantize_int4_weights(src: Path, dst: Path, config, calibration=None) -> dic
         raise ExportError(f"4-bit weight quantization of {src.name} failed: "
                           f"{type(e).__name__}: {e}", fix="check the graph's MatMul weights") from e
     return {**config.to_dict(), "nodes": _count(dst, ("MatMulNBits", "MatMul"))}
+
+
+def gemms_as_matmuls(model) -> int:
+    """Gemm(A, W) with a constant W (alpha 1, A not transposed, no C or beta 1) becomes
+    MatMul(A, W') with W' the weight in [K, N] layout, plus Add(C) where C is given: exact, and
+    the form weight-only quantizers take (onnxruntime's MatMulNBits quantizer reads MatMul
+    only; the dynamo exporter writes Qwen2-VL-2B's tied LM head, 151,936 x 1,536, as a transB
+    Gemm, which stayed FP32: 0.93 GB read per generated token). Returns how many it rewrote."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    done, nodes = 0, []
+    for n in model.graph.node:
+        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+        c = n.input[2] if len(n.input) > 2 and n.input[2] else None
+        if (n.op_type != "Gemm" or n.input[1] not in inits or a.get("alpha", 1.0) != 1.0
+                or a.get("transA", 0) or (c is not None and a.get("beta", 1.0) != 1.0)):
+            nodes.append(n)
+            continue
+        w = numpy_helper.to_array(inits[n.input[1]])
+        kn = np.ascontiguousarray(w.T if a.get("transB", 0) else w)
+        name = f"{n.input[1]}_kn" if uses[n.input[1]] > 1 else n.input[1]
+        if name == n.input[1]:
+            model.graph.initializer.remove(inits[name])
+        model.graph.initializer.append(numpy_helper.from_array(kn, name))
+        out = n.output[0] if c is None else f"{n.output[0]}_matmul"
+        nodes.append(helper.make_node("MatMul", [n.input[0], name], [out], name=n.name))
+        if c is not None:
+            nodes.append(helper.make_node("Add", [out, c], [n.output[0]],
+                                          name=f"{n.name}_bias"))
+        done += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return done
 
 
 def quantize_fp16(src: Path, dst: Path, config, calibration=None) -> dict:
