@@ -38,6 +38,9 @@ def _target_of(manifest: dict, target):
             raise TargetError("this bundle was built for no target, so plan needs one",
                               fix="pass --target NAME (pcbedge targets lists them)")
         target = name
+        source = (manifest.get("build") or {}).get("profile_source")
+        if source and Path(source).suffix == ".toml" and Path(source).is_file():
+            target = source          # a profile file of the user's own, not a shipped name
     profile = load_target(target)
     if profile.hardware is None:
         from pcbedge.targets import list_targets
