@@ -97,6 +97,7 @@ def test_gemm_qdq_int8_and_4bit_and_gemv_precisions(tmp_path):
     c4 = graph_cost(path, {"m": 1})                # int8 activations: int8 dot products
     assert c4.macs == {"int8:gemv": 2 * k * n, "fp32:gemv": k * n}
     assert c4.weight_bytes == c1.weight_bytes      # still the 4-bit weights that are read
+    assert graph_cost(path, {"m": 100}).macs == c.macs   # GEMMs: the int4 kernel's own rate
 
 
 def test_an_embedding_lookup_reads_its_rows_not_its_table(tmp_path):
