@@ -287,3 +287,22 @@ def test_bench_report_plan_block(tiny_bundles, monkeypatch):
                         lambda name, *a: None if name == "onnx" else real(name, *a))
     block = plan_vs_measured(built, report)
     assert not block["available"] and "onnx" in block["reason"]
+
+
+def test_inline_weights_are_counted_but_not_carried(tmp_path):
+    """A built bundle holds its weights inline: their bytes count, their data is dropped before
+    shape inference (which copies the model on every round: >10 min for a 2B bundle)."""
+    k, n = 128, 64                                  # 8,192 elements: past the folding size
+    nodes = [helper.make_node("MatMul", ["a", "w"], ["y"])]
+    w = numpy_helper.from_array(np.ones((k, n), np.float32), "w")
+    path = _save(tmp_path, nodes, [helper.make_tensor_value_info("a", TensorProto.FLOAT,
+                                                                 ["m", k])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w],
+                 name="inline.onnx")
+    c = graph_cost(path, {"m": 10})
+    assert c.weight_bytes == 4 * k * n and c.macs == {"fp32": 10 * k * n}
+    from pcbedge.plan.graph_cost import _drop_weight_data, _load
+    model = _load(path)
+    _drop_weight_data(model)
+    assert not model.graph.initializer[0].raw_data and list(model.graph.initializer[0].dims) \
+        == [k, n]
