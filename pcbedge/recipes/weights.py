@@ -64,8 +64,9 @@ def gemms_as_matmuls(model) -> int:
     """Gemm(A, W) with a constant W (alpha 1, A not transposed, no C or beta 1) becomes
     MatMul(A, W') with W' the weight in [K, N] layout, plus Add(C) where C is given: exact, and
     the form weight-only quantizers take (onnxruntime's MatMulNBits quantizer reads MatMul
-    only; the dynamo exporter writes Qwen2-VL-2B's tied LM head, 151,936 x 1,536, as a transB
-    Gemm, which stayed FP32: 0.93 GB read per generated token). Returns how many it rewrote."""
+    only; the dynamo exporter writes a 2B-class decoder's tied LM head, 151,936 x 1,536, as a
+    transB Gemm, which stayed FP32: 0.93 GB read per generated token). Returns how many it
+    rewrote."""
     from onnx import helper, numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
