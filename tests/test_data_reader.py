@@ -52,6 +52,23 @@ def test_split_is_fixed_disjoint_and_per_group(shared_boards):
         assert max(b.id for b in train if b.group == g) < min(b.id for b in val if b.group == g)
 
 
+def test_design_split_holds_out_whole_groups(shared_boards, shared_data):
+    """split_designs: the held-out groups' boards are never train or seen-design validation;
+    the written lists in pcbedge/data/splits/ are exactly the split."""
+    from pcbedge.data.deeppcb import HELD_OUT_GROUPS, split_designs
+    train, seen, unseen = split_designs(shared_boards)
+    assert (len(train), len(seen), len(unseen)) == (631, 158, 211)
+    assert {b.group for b in unseen} == set(HELD_OUT_GROUPS)
+    assert not {b.group for b in train + seen} & set(HELD_OUT_GROUPS)
+    assert {b.group for b in train} == {b.group for b in seen}
+    ids = [{b.id for b in part} for part in (train, seen, unseen)]
+    assert sum(map(len, ids)) == len(set().union(*ids)) == len(shared_boards)
+    splits = Path(__file__).resolve().parents[1] / "pcbedge/data/splits"
+    for name, part in zip(("train", "seen_val", "unseen_val"), (train, seen, unseen)):
+        listed = read_list(shared_data, splits / f"deeppcb_designs_{name}.txt")
+        assert [b.id for b in listed] == [b.id for b in part]
+
+
 def test_split_keeps_a_singleton_group_in_train():
     from pcbedge.data.deeppcb import Board
     b = Board(id="1", group="g", test_path=Path("t"), template_path=Path("m"))

@@ -189,6 +189,21 @@ def split_trainval(boards: list[Board]) -> tuple[list[Board], list[Board]]:
     return train, val
 
 
+# The design split (issue 17): whole board groups (panel designs) the model never trains on.
+# Two of DeepPCB trainval's seven designs, 211 of its 1,000 boards; docs/data.md says why these.
+HELD_OUT_GROUPS = ("group77000", "group92000")
+
+
+def split_designs(boards: list[Board], held_out: tuple[str, ...] = HELD_OUT_GROUPS
+                  ) -> tuple[list[Board], list[Board], list[Board]]:
+    """(train, seen-design validation, unseen-design validation): every board of a ``held_out``
+    group is unseen-design validation; the other groups are split as ``split_trainval``."""
+    seen = [b for b in boards if b.group not in held_out]
+    unseen = sorted((b for b in boards if b.group in held_out), key=lambda b: (b.group, b.id))
+    train, seen_val = split_trainval(seen)
+    return train, seen_val, unseen
+
+
 def find_data_root(data: str | Path | None) -> Path:
     """``data`` if given, else the embedded sample shipped inside the package."""
     if data is not None:

@@ -22,6 +22,13 @@ class VisionConfig:
     # the defect heatmap averaged with the heatmap of the mirrored board (flipped back): the
     # proposals' scores and peaks come from two views, boxes and features from the first
     flip_average: bool = False
+    # the template-consistency check (vision.difference_support): a proposal needs at least
+    # min_support differing pixels (in support_core x support_core patches that differ
+    # throughout) in its box grown by support_margin px, else its score is 0 and no answer can
+    # point at it. 0 = off.
+    min_support: float = 0.0
+    support_margin: int = 2
+    support_core: int = 2
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pcbedge.data.deeppcb import DEFECT_TYPES, Board, read_list, split_trainval
+from pcbedge.data.deeppcb import DEFECT_TYPES, Board, read_list, split_designs, split_trainval
 from pcbedge.data.align import align_pair
 from pcbedge.data.preprocess import pair_to_input, read_gray, resize_u8
 from pcbedge.data.qa import vocabulary_corpus
@@ -54,6 +54,9 @@ class FinetuneConfig:
     set_pointer_loss: bool = True  # REGION target = every unreported true region (else: next one)
     quality_calibration: bool = True  # stage C2: confidence falls with the capture's residual
     p_board: float = 0.4          # stage B: share of board-pass examples (the rest: programs)
+    # "trainval": the last 20 % of every group validates (seen designs only); "designs": whole
+    # groups (HELD_OUT_GROUPS) are never trained on, and stage C calibrates on them
+    split: str = "trainval"
 
 
 class Board8:
@@ -181,7 +184,13 @@ def finetune(data_dir, out_dir, fc: FinetuneConfig = FinetuneConfig(), list_file
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    train_b, val_b = split_trainval(read_list(data_dir, list_file))
+    boards = read_list(data_dir, list_file)
+    if fc.split == "designs":
+        train_b, _, val_b = split_designs(boards)
+    elif fc.split == "trainval":
+        train_b, val_b = split_trainval(boards)
+    else:
+        raise ValueError(f"split {fc.split!r} is not 'trainval' or 'designs'")
     if fc.init_from:  # continue from a saved model: its config and weights, today's vocabulary
         model = with_tokenizer(PcbVlm.from_pretrained(fc.init_from),
                                build_tokenizer(vocabulary_corpus(), PcbVlmConfig().vision.num_regions))
@@ -209,6 +218,6 @@ def finetune(data_dir, out_dir, fc: FinetuneConfig = FinetuneConfig(), list_file
             logf.write(json.dumps({"stage": "C2", **block}) + "\n")
     info = {"finetune_config": asdict(fc), "train_boards": len(train), "val_boards": len(val),
             "minutes": round((time.time() - t_start) / 60, 1), "torch_threads": fc.threads,
-            "split": "per group, last 20% of sorted ids are validation"}
+            "split": fc.split, "calibration_groups": sorted({b.group for b in val_b})}
     model.save_pretrained(out, extra_generation={"training": info})
     return model, info

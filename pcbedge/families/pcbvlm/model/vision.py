@@ -123,6 +123,30 @@ def extract_regions(heat_logits, box, feat, k: int, stride: int, input_hw):
     return boxes, scores, raw
 
 
+def difference_support(diff, boxes, margin: int, core: int = 3):
+    """Per box: the number of pixels where test and template differ (|diff| > 0.5) in a
+    ``core`` x ``core`` patch that differs throughout (an erosion: with core 2 or 3 the 1 px
+    slivers that misregistration leaves along copper edges drop out), inside the box grown by
+    ``margin`` px. ``diff`` [B,1,H,W], ``boxes`` [B,K,4] in input pixels -> [B,K] float counts
+    (exact: an integral image of 0/1 values in float32). A patch is anchored at its top-left
+    pixel; the image's right and bottom edges count as no difference."""
+    d = (diff > 0.5).to(torch.float32)
+    if core > 1:
+        d = -F.max_pool2d(-F.pad(d, (0, core - 1, 0, core - 1)), core, 1)
+    ii = F.pad(d.cumsum(2).cumsum(3), (1, 0, 1, 0))      # ii[y, x] = sum of d[:y, :x]
+    b, k = boxes.shape[0], boxes.shape[1]
+    h1, w1 = ii.shape[2], ii.shape[3]
+    flat = ii.reshape(b, h1 * w1)
+    lo = (boxes - margin).floor()
+    hi = (boxes + margin).ceil()
+    x1 = lo[..., 0].clamp(0, w1 - 1).to(torch.int64)
+    y1 = lo[..., 1].clamp(0, h1 - 1).to(torch.int64)
+    x2 = hi[..., 2].clamp(0, w1 - 1).to(torch.int64)
+    y2 = hi[..., 3].clamp(0, h1 - 1).to(torch.int64)
+    at = lambda y, x: torch.gather(flat, 1, y * w1 + x)  # noqa: E731
+    return at(y2, x2) - at(y1, x2) - at(y2, x1) + at(y1, x1)
+
+
 class VisionEncoder(nn.Module):
     """Backbone + defect head + proposals; ``forward`` returns the raw (pre-projector) outputs."""
 
@@ -156,6 +180,14 @@ class VisionEncoder(nn.Module):
         W = torch.scalar_tensor(x.shape[3])
         boxes, scores, raw = extract_regions(heat, box, feat, self.cfg.vision.num_regions,
                                              self.cfg.vision.stride, (H, W))
+        if self.cfg.vision.min_support > 0:
+            # the template-consistency check: a proposal with too little test/template
+            # difference at its place scores 0, below every runner's min_region_score, so the
+            # grammar can never report it. Only the score output is gated: the region tokens
+            # (raw) are what the decoder was trained on.
+            support = difference_support(x[:, 2:3], boxes, self.cfg.vision.support_margin,
+                                         self.cfg.vision.support_core)
+            scores = scores * (support >= self.cfg.vision.min_support).to(scores.dtype)
         # token scores for pruning: defect prior (max heat per token cell), template difference
         r = self.cfg.vision.token_stride // self.cfg.vision.stride
         prior = F.max_pool2d(torch.sigmoid(heat).amax(1, keepdim=True), r, r).flatten(1)
