@@ -75,7 +75,10 @@ def encode_all(model: PcbVlm, boards, margin: int, cores: list[int]) -> list[dic
 def describe(model: PcbVlm, item: dict, core: int, min_support: float) -> list[dict]:
     enc = dict(item["enc"])
     enc["region_scores"] = enc["region_scores"] * (item["support"][core] >= min_support).float()
-    ans = model.answer_encoded(enc, model.spec["canonical_question"], item["meta"])
+    question = model.spec["canonical_question"]
+    if "program" not in item:   # the program pass reads the question only: once per board
+        item["program"] = model.program_pass(enc, question)
+    ans = model.answer_encoded(enc, question, item["meta"], program=item["program"])
     return [{k: d[k] for k in ("type", "bbox", "confidence")} for d in ans["defects"]]
 
 

@@ -384,12 +384,15 @@ def draw_answer(image: Path, ans: dict, out: Path, fmt: str = "PNG") -> None:
               help="Time budget of stage A (vision).")
 @click.option("--minutes-b", type=click.FloatRange(min=0, min_open=True),
               help="Time budget of stage B (decoder).")
-def finetune(data_dir, out_dir, seed, minutes_a, minutes_b) -> None:
+@click.option("--split", type=click.Choice(["trainval", "designs"]),
+              help="trainval (default): the last 20% of every group validates; designs: the "
+                   "held-out groups (docs/data.md) are never trained on and calibrate.")
+def finetune(data_dir, out_dir, seed, minutes_a, minutes_b, split) -> None:
     """Train the reference PCB VLM on a DeepPCB-layout folder.
 
     Trains from scratch on the train part of its trainval.txt."""
     from pcbedge import api
-    given = {"seed": seed, "minutes_a": minutes_a, "minutes_b": minutes_b}
+    given = {"seed": seed, "minutes_a": minutes_a, "minutes_b": minutes_b, "split": split}
     api.finetune(data_dir, out_dir, **{k: v for k, v in given.items() if v is not None})
     click.echo(f"model saved to {out_dir}")
 

@@ -63,10 +63,8 @@ class PcbVlm(nn.Module):
         return self.answer_encoded(enc, question, meta, max_new_tokens, keep)
 
     @torch.no_grad()
-    def answer_encoded(self, enc: dict, question: str, meta=None, max_new_tokens: int = 64,
-                       keep: np.ndarray | None = None) -> dict:
-        """As :meth:`answer`, on the outputs of :meth:`encode_image` (one image, many questions):
-        the program pass on the question, the board pass, and the answer they make."""
+    def program_pass(self, enc: dict, question: str, max_new_tokens: int = 64):
+        """The program pass: (the decoded program's state, the question's numbers)."""
         max_q = self.cfg.text.max_text_len // 2
         ids, numbers = encode_question_numbers(self.tokenizer, question, max_q)
         n_vis = enc["visual_tokens"].shape[1]
@@ -74,6 +72,15 @@ class PcbVlm(nn.Module):
         prefill, step = self._passes(enc, few)
         pstate, _ = run_program(self.spec, prefill, step, ids, len(numbers),
                                 self.cfg.text.max_text_len, max_new_tokens)
+        return pstate, numbers
+
+    @torch.no_grad()
+    def answer_encoded(self, enc: dict, question: str, meta=None, max_new_tokens: int = 64,
+                       keep: np.ndarray | None = None, program=None) -> dict:
+        """As :meth:`answer`, on the outputs of :meth:`encode_image` (one image, many questions):
+        the program pass on the question (or ``program``, a :meth:`program_pass` result of the
+        same question), the board pass, and the answer they make."""
+        pstate, numbers = program or self.program_pass(enc, question, max_new_tokens)
         bstate, _ = self.board_pass(enc, board_budget(self.spec), keep)
         to_orig = meta.to_original if meta is not None else (lambda b: list(b))
         quality = meta.quality_dict() if meta is not None else None
