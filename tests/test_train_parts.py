@@ -83,3 +83,11 @@ def test_with_tokenizer_keeps_known_rows_and_answers_the_same():
     pieces = old.encode("gizmos", add_special_tokens=False).ids
     assert torch.allclose(new.decoder.tok.weight[g], model.decoder.tok.weight[pieces].mean(0))
     assert with_tokenizer(new, tok) is new        # same vocabulary: nothing to do
+
+
+def test_finetune_refuses_an_unknown_split_before_writing(tmp_path):
+    from pcbedge.errors import DatasetError
+    from pcbedge.families.pcbvlm.model.train import FinetuneConfig, finetune
+    with pytest.raises(DatasetError, match="'groups'"):
+        finetune(tmp_path / "data", tmp_path / "out", FinetuneConfig(split="groups"))
+    assert not (tmp_path / "out").exists()

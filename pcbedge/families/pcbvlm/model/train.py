@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from pcbedge.data.deeppcb import DEFECT_TYPES, Board, read_list, split_designs, split_trainval
 from pcbedge.data.align import align_pair
+from pcbedge.errors import DatasetError
 from pcbedge.data.preprocess import pair_to_input, read_gray, resize_u8
 from pcbedge.data.qa import vocabulary_corpus
 from pcbedge.families.pcbvlm.model.augment import crop, dihedral
@@ -178,6 +179,10 @@ def finetune(data_dir, out_dir, fc: FinetuneConfig = FinetuneConfig(), list_file
     calibrate on the validation part; save in the Hugging Face layout to ``out_dir``."""
     from pcbedge.families.pcbvlm.model.quality import calibrate_quality
     from pcbedge.families.pcbvlm.model.train_lm import cache_vision, fit_platt, train_decoder
+    if fc.split not in ("trainval", "designs"):
+        raise DatasetError(f"split {fc.split!r} is not 'trainval' or 'designs'",
+                           fix="FinetuneConfig(split='trainval') or split='designs' "
+                               "(docs/data.md)")
     torch.manual_seed(fc.seed)
     torch.set_num_threads(fc.threads)
     random.seed(fc.seed), np.random.seed(fc.seed)
@@ -187,10 +192,8 @@ def finetune(data_dir, out_dir, fc: FinetuneConfig = FinetuneConfig(), list_file
     boards = read_list(data_dir, list_file)
     if fc.split == "designs":
         train_b, _, val_b = split_designs(boards)
-    elif fc.split == "trainval":
-        train_b, val_b = split_trainval(boards)
     else:
-        raise ValueError(f"split {fc.split!r} is not 'trainval' or 'designs'")
+        train_b, val_b = split_trainval(boards)
     if fc.init_from:  # continue from a saved model: its config and weights, today's vocabulary
         model = with_tokenizer(PcbVlm.from_pretrained(fc.init_from),
                                build_tokenizer(vocabulary_corpus(), PcbVlmConfig().vision.num_regions))
