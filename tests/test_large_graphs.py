@@ -16,7 +16,7 @@ pytest.importorskip("torch")
 from pcbedge import api  # noqa: E402
 from pcbedge.bundle.manifest import read_manifest, verify_files  # noqa: E402
 from pcbedge.errors import TargetError  # noqa: E402
-from pcbedge.targets.profile import load_profile  # noqa: E402
+from pcbedge.targets import load_profile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 INT4_PROFILE = ROOT / "benchmarks" / "real_size" / "x86-cpu-int4.toml"

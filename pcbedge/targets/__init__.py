@@ -10,9 +10,10 @@ from pathlib import Path
 
 from pcbedge.errors import TargetError
 from pcbedge.runtime.pruning import TokenPruningConfig
+from pcbedge.targets.files import load_profile
 from pcbedge.targets.profile import (GateConfig, PrecisionConfig, QuantizationSettings,
                                      ShapeConfig, TargetProfile,
-                                     TensorRTConfig, load_profile, parse_profile)
+                                     TensorRTConfig, parse_profile)
 
 TARGETS_DIR = Path(__file__).resolve().parent
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
-import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from pcbedge.errors import TargetError
@@ -19,11 +17,6 @@ from pcbedge.runtime.pruning import METHODS as PRUNING_METHOD_NAMES
 from pcbedge.runtime.pruning import TokenPruningConfig
 from pcbedge.runtime.vocabulary import ARCHS, DEFAULT_SPIN_WAIT, SPIN_WAITS
 from pcbedge.targets.hardware import HardwareConfig, hardware_spec
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 gets the same parser from the tomli backport
-    import tomli as tomllib
 
 RUNTIMES = ("onnxruntime", "tensorrt")
 # int4: weight-only 4-bit (onnxruntime MatMulNBits), for decoders (pcbedge.recipes.configs)
@@ -447,57 +440,3 @@ def _family_overrides(src: str, table) -> dict:
             _refuse_unknown(src, f"family.{key}.{sec}.", values, SECTIONS[sec][1])
         out[key] = copy.deepcopy(sections)
     return out
-
-
-def _read_toml(path: Path, src: str) -> dict:
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise TargetError(f"target profile {src} cannot be read: {e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise TargetError(f"target profile {src} is not valid TOML: {e}",
-                          fix="fix the syntax (https://toml.io)") from None
-
-
-def _merge(base: dict, child: dict) -> dict:
-    """``child`` over ``base``: tables merge key by key, anything else is replaced."""
-    out = copy.deepcopy(base)
-    for k, v in child.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
-            else copy.deepcopy(v)
-    return out
-
-
-def _resolve_extends(data: dict, path: Path, src: str, seen: tuple = ()) -> dict:
-    """``extends = "NAME"``: the profile NAME.toml beside this one, else the shipped target
-    NAME, with this file's fields over it (a module profile adds its [hardware] and budget to a
-    shared recipe; a user's own profile changes one line of a shipped target)."""
-    base_name = data.get("extends")
-    if base_name is None:
-        return data
-    if not isinstance(base_name, str) or not NAME_RE.match(base_name):
-        raise _fail(src, "extends", base_name,
-                    "the name of a profile beside this file or of a shipped target")
-    base_path = path.parent / f"{base_name}.toml"
-    if not base_path.is_file():
-        base_path = Path(__file__).parent / f"{base_name}.toml"
-    if not base_path.is_file() or base_path.resolve() in seen:
-        why = "extends itself" if base_path.resolve() in seen else "no such file"
-        raise _fail(src, "extends", base_name,
-                    f"a profile beside this file or a shipped target ({why})")
-    base = _resolve_extends(_read_toml(base_path, str(base_path)), base_path, str(base_path),
-                            (*seen, path.resolve()))
-    base.pop("name", None)
-    return _merge(base, {k: v for k, v in data.items() if k != "extends"})
-
-
-def load_profile(path: str | Path) -> TargetProfile:
-    """Read and validate one profile file; its ``name`` must equal the file's stem.
-    ``extends = "NAME"`` takes every field of the profile NAME.toml beside it first."""
-    path = Path(path)
-    src = str(path)
-    if not path.is_file():
-        raise TargetError(f"target profile {src} not found", fix="pass a shipped target name "
-                          "(pcbedge targets) or the path of a .toml profile")
-    data = _resolve_extends(_read_toml(path, src), path, src)
-    return parse_profile(data, src, stem=path.stem)
