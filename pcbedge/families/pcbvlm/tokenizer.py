@@ -77,6 +77,20 @@ def _edits(a: str, b: str, limit: int) -> int:
     return prev[-1]
 
 
+_KNOWN: dict[int, tuple] = {}
+
+
+def _known_words(tok: Tokenizer) -> tuple[dict, list[str]]:
+    """The vocabulary and its whole words of 3+ letters, computed once per tokenizer (every
+    question reads them)."""
+    entry = _KNOWN.get(id(tok))
+    if entry is None or entry[0] is not tok:
+        vocab = tok.get_vocab(with_added_tokens=False)
+        entry = (tok, vocab, [w for w in vocab if len(w) >= 3 and w.isalpha()])
+        _KNOWN[id(tok)] = entry
+    return entry[1], entry[2]
+
+
 def spelling_fixed(tok: Tokenizer, text: str) -> str:
     """``text`` with each misspelt word replaced by the one vocabulary word it is nearest to.
 
@@ -88,8 +102,7 @@ def spelling_fixed(tok: Tokenizer, text: str) -> str:
     not "cost"; "hlaf" is "half"). The word is replaced only by a single nearest candidate (a tie
     changes nothing). A word unlike every known one reaches the model as WordPiece pieces, as
     before."""
-    vocab = tok.get_vocab(with_added_tokens=False)
-    words = [w for w in vocab if len(w) >= 3 and w.isalpha()]
+    vocab, words = _known_words(tok)
 
     def fix(m: re.Match) -> str:
         w = m.group(0).lower()

@@ -134,7 +134,7 @@ def difference_support(diff, boxes, margin: int, core: int = 3):
     if core > 1:
         d = -F.max_pool2d(-F.pad(d, (0, core - 1, 0, core - 1)), core, 1)
     ii = F.pad(d.cumsum(2).cumsum(3), (1, 0, 1, 0))      # ii[y, x] = sum of d[:y, :x]
-    b, k = boxes.shape[0], boxes.shape[1]
+    b = boxes.shape[0]
     h1, w1 = ii.shape[2], ii.shape[3]
     flat = ii.reshape(b, h1 * w1)
     lo = (boxes - margin).floor()
