@@ -81,13 +81,13 @@ def test_program_grammar_masks():
     from pcbedge.families.pcbvlm.program import ProgramState
     sp, _ = spec()
     p = sp["program"]
-    st = ProgramState(sp, n_numbers=2)
+    st = ProgramState(sp, n_numbers=0)
     st.advance(sp["intents"]["where"])
     st.advance(sp["filters"]["short"])
     ok = np.flatnonzero(st.allowed())
     assert sp["filters"]["short"] not in ok and sp["filters"]["all"] not in ok
-    assert sp["filters"]["open"] in ok and p["scopes"]["near"] in ok
-    assert p["scopes"]["box"] not in ok and p["scopes"]["within"] not in ok   # 2 numbers only
+    assert sp["filters"]["open"] in ok and p["scopes"]["board"] in ok
+    assert not {p["scopes"][s] for s in ("near", "point", "within", "box")} & set(ok)
     st.advance(p["scopes"]["board"])
     assert p["orders"]["nearest"] not in np.flatnonzero(st.allowed())       # no point
     st.advance(p["orders"]["largest"])
@@ -96,6 +96,37 @@ def test_program_grammar_masks():
         st.advance(p["slots"][0])
     st = drive(sp, [sp["intents"]["count"], sp["filters"]["all"], p["scopes"]["within"]], 3)
     assert list(np.flatnonzero(st.allowed())) == p["slots"][:3]
+
+
+@pytest.mark.parametrize("n, scopes", [(2, {"point", "near"}), (3, {"within"}), (4, {"box"})])
+def test_program_uses_every_number(n, scopes):
+    """A question's numbers are its scope's arguments: with 2 / 3 / 4 numbers only the scopes
+    taking exactly that many are allowed, and each number fills one slot, once."""
+    from pcbedge.families.pcbvlm.program import ProgramState
+    sp, _ = spec()
+    p = sp["program"]
+    st = drive(sp, [sp["intents"]["describe"], sp["filters"]["all"]], n)
+    assert set(np.flatnonzero(st.allowed())) == {p["scopes"][s] for s in scopes}
+    st.advance(p["scopes"][sorted(scopes)[0]])
+    taken = []
+    for _ in range(n):
+        ok = [p["slots"].index(int(t)) for t in np.flatnonzero(st.allowed())]
+        assert sorted(ok) == sorted(set(range(n)) - set(taken))
+        taken.append(ok[-1])
+        st.advance(p["slots"][ok[-1]])
+    assert st.phase == "order" and sorted(st.slots) == list(range(n))
+
+
+@pytest.mark.parametrize("n", [1, 6])
+def test_program_numbers_no_scope_takes_exactly(n):
+    """One number, or more than a box's four: any scope taking no more than the question
+    holds (the model's reading decides)."""
+    from pcbedge.families.pcbvlm.program import ProgramState
+    sp, _ = spec()
+    p = sp["program"]
+    st = drive(sp, [sp["intents"]["describe"], sp["filters"]["all"]], n)
+    want = {i for s, i in p["scopes"].items() if p["scope_slots"][s] <= n}
+    assert set(np.flatnonzero(st.allowed())) == want
 
 
 def board_state(sp, defects):
@@ -130,7 +161,9 @@ def test_one_confidence_per_defect_whatever_the_question():
     }
     conf, answers = {}, {}
     for name, toks in programs.items():
-        ans, trace = compose(sp, drive(sp, toks, 2), [290.0, 150.0], bs, boxes, list, (W, H))
+        n = sum(t in p["slots"] for t in toks)   # a question holds the numbers it uses
+        ans, trace = compose(sp, drive(sp, toks, n), [290.0, 150.0][:n], bs, boxes, list,
+                             (W, H))
         answers[name] = ans
         assert ans["complete"] and trace[-1] == sp["eos"]
         for d in ans["defects"]:

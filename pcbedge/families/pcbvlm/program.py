@@ -8,11 +8,15 @@ An answer is decoded in two passes over one vision output:
        program := INTENT FILTERS SCOPE SLOT* ORDER <eos>  |  <q_unsupported> <eos>
        FILTERS := <f_all>  |  <f_t1> <f_t2> ...     (distinct types, at least one)
        SCOPE   := <s_board> | <s_top> | ... | <s_box> | <s_near> | <s_within> | <s_point>
-       SLOT    := <n_i>, i < the question's number count; as many as the scope takes
+       SLOT    := <n_i>, i < the question's number count, each once; as many as the scope takes
        ORDER   := <o_reading> | <o_largest> | <o_smallest> | <o_nearest> (a point scope only)
 
    Numbers in the question reach the decoder as slot tokens ``<n_0> <n_1> ...``
    (:func:`pcbedge.data.query.extract_numbers`), so a coordinate is copied by pointing at it.
+   A question's numbers are its scope's arguments, so the program uses every one of them: when
+   some scope takes exactly as many numbers as the question holds, only such scopes are
+   allowed (two: a point or near it; three: within a radius; four: a box); otherwise any scope
+   that takes no more than it holds.
 2. **Board pass**, the fixed ``canonical_question`` with ``<q_describe> <f_all>`` forced: the
    pointer grammar of :mod:`grammar` reports every defect of the board with its type and
    confidence. It does not see the inspector's words, so a defect's confidence is a property of
@@ -71,8 +75,12 @@ class ProgramState:
         return self.spec["region_offset"] + self.spec["num_regions"]
 
     def _scopes_ok(self) -> list[int]:
+        """Scopes that use every number of the question; if none takes exactly that many
+        (none, one, or more than a box's four), those that take no more than it holds."""
         p = self.spec["program"]
-        return [i for s, i in p["scopes"].items() if p["scope_slots"][s] <= self.n_numbers]
+        exact = [i for s, i in p["scopes"].items() if p["scope_slots"][s] == self.n_numbers]
+        return exact or [i for s, i in p["scopes"].items()
+                         if p["scope_slots"][s] <= self.n_numbers]
 
     def allowed(self) -> np.ndarray:
         s, p = self.spec, self.spec["program"]
@@ -89,7 +97,8 @@ class ProgramState:
         elif self.phase == "scope":
             ids = self._scopes_ok()
         elif self.phase == "slot":
-            ids = p["slots"][: min(self.n_numbers, MAX_SLOTS)]
+            ids = [t for k, t in enumerate(p["slots"][: min(self.n_numbers, MAX_SLOTS)])
+                   if k not in self.slots]
         elif self.phase == "order":
             ids = [i for o, i in p["orders"].items()
                    if o != "nearest" or self.scope in POINT_SCOPES]
