@@ -218,7 +218,8 @@ class QuestionGenerator(NewKinds):
         if r < 0.4:
             qa = self.sample(present, p_describe=0.25, p_unsupported=0.12)
         else:
-            qa = self.new_kind(self.rng.choice(NEW_KINDS[:-1]), present)
+            # regions twice as often: the kind with the most phrasings to learn
+            qa = self.new_kind(self.rng.choice(NEW_KINDS[:-1] + ("region",)), present)
         if self.rng.random() < p_noise:
             qa = QA(add_noise(qa.question, self.rng, self.rng.choice((1, 2))), qa.kind,
                     qa.filter, qa.meaning())
