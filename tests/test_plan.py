@@ -114,6 +114,70 @@ def test_an_embedding_lookup_reads_its_rows_not_its_table(tmp_path):
     assert weight_bytes_of(path) == (1000 * 16 + 16 * 4) * 4     # resident: the whole table
 
 
+def test_an_fp16_engine_lowers_the_float_graph(tmp_path):
+    """float_precision "fp16" (TensorRT's fp16 flag): a float32 graph's MACs count at fp16 and
+    its weights and intermediates at 2 bytes; int8 and 4-bit nodes and the graph's declared
+    inputs / outputs are unchanged."""
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]),
+             helper.make_node("MatMul", ["e", "w"], ["h"]),
+             helper.make_node("Relu", ["h"], ["y"])]
+    path = _save(tmp_path, nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64,
+                                                                 ["b", "s"])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                 [_w("table", 1000, 16), _w("w", 16, 64)])
+    dims = {"b": 1, "s": 300}
+    c32, c16 = graph_cost(path, dims), graph_cost(path, dims, "fp16")
+    assert c32.macs == {"fp32": 300 * 64 * 16} and c16.macs == {"fp16": 300 * 64 * 16}
+    assert c32.weight_bytes == 300 * 16 * 4 + 16 * 64 * 4
+    assert c16.weight_bytes == 300 * 16 * 2 + 16 * 64 * 2
+    assert c16.activation_sizes == [300 * 16 * 2, 300 * 64 * 2]    # e, h (y is an output)
+    assert c16.io_bytes == c32.io_bytes == 300 * 8 + 300 * 64 * 4
+    from pcbedge.plan.graph_cost import weight_bytes_of
+    assert weight_bytes_of(path, "fp16") == (1000 * 16 + 16 * 64) * 2
+    # a 4-bit node keeps its precision and its bytes under the fp16 engine
+    q = [helper.make_node("MatMulNBits", ["x", "wq", "sc"], ["y"], domain="com.microsoft",
+                          K=64, N=32, bits=4, block_size=32)]
+    path = _save(tmp_path, q, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", 64])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                 [_w("wq", 32, 2, 16, dtype=np.uint8), _w("sc", 32 * 2)], name="q.onnx", ms=True)
+    q16 = graph_cost(path, {"m": 100}, "fp16")
+    assert q16.macs == {"int4": 100 * 32 * 64}
+    assert q16.weight_bytes == 32 * 2 * 16 + 32 * 2 * 2
+
+
+def test_the_tensorrt_modules_plan_float_graphs_in_fp16_fused():
+    for name in ("agx-orin-64gb", "orin-nx-16gb", "orin-nano-8gb"):
+        hw = load_target(name).hardware
+        assert hw.float_precision == "fp16" and hw.fused_engine, name
+    hw = load_target("x86-cpu").hardware
+    assert hw.float_precision == "fp32" and not hw.fused_engine
+
+
+def test_a_fused_engine_moves_only_weight_gemm_outputs(tmp_path):
+    """fused_engine: attention scores, softmax and element-wise results stay on chip; the
+    outputs of GEMMs with a constant weight (initializer, or Q/DQ of one) are what move."""
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"]),             # weight GEMM: moves
+             helper.make_node("Relu", ["q"], ["qr"]),                     # element-wise
+             helper.make_node("Transpose", ["qr"], ["kt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["qr", "kt"], ["s"]),             # scores: on chip
+             helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "qr"], ["a"]),              # attention output
+             helper.make_node("DequantizeLinear", ["wo_q", "sc"], ["wo"]),
+             helper.make_node("MatMul", ["a", "wo"], ["h"]),              # Q/DQ weight GEMM
+             helper.make_node("Add", ["h", "x"], ["y"])]
+    path = _save(tmp_path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                 ["n", 8])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                 [_w("wq", 8, 8), _w("wo_q", 8, 8, dtype=np.int8),
+                  numpy_helper.from_array(np.array(0.1, np.float32), "sc")])
+    n = 100
+    full, fused = graph_cost(path, {"n": n}), graph_cost(path, {"n": n}, fused=True)
+    assert fused.activation_sizes == [n * 8 * 4, n * 8 * 4]              # q and h only
+    assert fused.activation_bytes == 2 * 2 * n * 8 * 4
+    assert n * n * 4 in full.activation_sizes                            # unfused: scores move
+    assert fused.macs == full.macs and fused.weight_bytes == full.weight_bytes
+
+
 def test_roofline_arithmetic_and_cache(tmp_path):
     from pcbedge.plan import _call_ms
     from pcbedge.plan.graph_cost import GraphCost
@@ -211,7 +275,8 @@ HW = {"device": "d", "peak_tops": {"fp32": 1.0}, "memory_bandwidth_gbs": 10.0,
 @pytest.mark.parametrize("field,value", [
     ("peak_tops", {"fp64": 1.0}), ("peak_tops", {"fp32": -1}), ("peak_tops", {}),
     ("memory_bandwidth_gbs", 0), ("efficiency_compute", 1.5), ("memory_reserved_gb", 9.0),
-    ("gemv_tops", {"int3": 1.0}), ("source", ""), ("bogus", 1)])
+    ("gemv_tops", {"int3": 1.0}), ("source", ""), ("bogus", 1), ("float_precision", "int8"),
+    ("float_precision", 16), ("fused_engine", "yes")])
 def test_bad_hardware_fields_are_refused(field, value):
     with pytest.raises(TargetError, match=f"hardware.{field}"):
         parse_profile({**BASE, "hardware": {**HW, field: value}})

@@ -114,7 +114,7 @@ def plan_bundle(bundle, target=None, *, typical: dict | None = None) -> dict:
         if key not in costs:
             path = bundle / manifest["graphs"][c.graph]["file"]
             try:
-                costs[key] = graph_cost(path, c.dims)
+                costs[key] = graph_cost(path, c.dims, hw.float_precision, hw.fused_engine)
             except (OSError, ValueError) as e:     # missing, or not an ONNX protobuf
                 raise BundleError(f"graph {path} cannot be read: {e}",
                                   fix="rebuild the bundle (pcbedge export / build)") from None
@@ -145,7 +145,8 @@ def plan_bundle(bundle, target=None, *, typical: dict | None = None) -> dict:
                      "peak_tops": hw.peak_tops, "memory_bandwidth_gbs": hw.memory_bandwidth_gbs,
                      "memory_gb": hw.memory_gb, "efficiency_compute": hw.efficiency_compute,
                      "efficiency_memory": hw.efficiency_memory,
-                     "node_overhead_us": hw.node_overhead_us, "cache_mb": hw.cache_mb},
+                     "node_overhead_us": hw.node_overhead_us, "cache_mb": hw.cache_mb,
+                     "float_precision": hw.float_precision, "fused_engine": hw.fused_engine},
         "typical_answer": info,
         "stages": stages,
         "decode_ms_per_token": (stages["decode"]["predicted_ms"] / info["decode_tokens"]
@@ -166,7 +167,8 @@ def _memory(bundle: Path, manifest: dict, costs: dict, hw, info: dict) -> dict:
     """Peak resident memory: every graph's weights (loaded once), the KV cache at its longest,
     the largest working set of one node, the runtime itself."""
     from pcbedge.plan.graph_cost import weight_bytes_of
-    weights = sum(weight_bytes_of(bundle / g["file"]) for g in manifest["graphs"].values())
+    weights = sum(weight_bytes_of(bundle / g["file"], hw.float_precision)
+                  for g in manifest["graphs"].values())
     kv = manifest.get("kv_cache") or {}
     item = {"float16": 2, "bfloat16": 2}.get(kv.get("dtype"), 4)
     kv_bytes = (2 * kv.get("num_layers", 0) * kv.get("num_heads", 0) * kv.get("head_dim", 0)

@@ -80,20 +80,26 @@ class GraphCost:
                 "unknown_shapes": self.unknown_shapes}
 
 
-def _itemsize(elem_type: int) -> int:
+FLOAT = 1          # onnx TensorProto.FLOAT
+_FLOAT_SIZE = {"fp32": 4, "fp16": 2}
+
+
+def _itemsize(elem_type: int, float_size: int = 4) -> int:
     from onnx import helper
+    if elem_type == FLOAT:
+        return float_size
     try:
         return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
     except (KeyError, TypeError, ValueError):
         return 4
 
 
-def _tensor_bytes(t) -> int:
+def _tensor_bytes(t, float_size: int = 4) -> int:
     from onnx import TensorProto
     n = int(np.prod(t.dims)) if len(t.dims) else 1
     if t.data_type in (TensorProto.INT4, TensorProto.UINT4):
         return (n + 1) // 2
-    return n * _itemsize(t.data_type)
+    return n * _itemsize(t.data_type, float_size)
 
 
 def _drop_weight_data(model) -> None:
@@ -272,23 +278,32 @@ def _rows(node, shapes: dict) -> int:
     return int(np.prod(out[:-1])) if _known(out) and len(out) > 1 else 1 << 30
 
 
-def _bytes_of(name: str, shapes: dict) -> int:
+def _bytes_of(name: str, shapes: dict, float_size: int = 4) -> int:
     shape, elem = shapes.get(name, (None, 1))
-    return int(np.prod(shape)) * _itemsize(elem) if _known(shape) or shape == [] else 0
+    return int(np.prod(shape)) * _itemsize(elem, float_size) \
+        if _known(shape) or shape == [] else 0
 
 
-def graph_cost(path: str | Path, dims: dict) -> GraphCost:
-    """The cost of one run of the graph at ``path`` with its named axes set to ``dims``."""
+def graph_cost(path: str | Path, dims: dict, float_precision: str = "fp32",
+               fused: bool = False) -> GraphCost:
+    """The cost of one run of the graph at ``path`` with its named axes set to ``dims``, on a
+    runtime that computes and stores float32 tensors in ``float_precision`` ("fp16": an engine
+    builder's fp16 mode lowers the float graph; inputs and outputs keep their declared type).
+    ``fused``: an engine that fuses element-wise ops into the GEMM and conv kernels around them
+    and attention into one kernel (TensorRT): only the outputs of weight GEMMs and convs are
+    intermediate tensors that reach memory; scores, softmax and element-wise results do not."""
+    fsize = _FLOAT_SIZE[float_precision]
     model = _load(path)
-    weights = {t.name: _tensor_bytes(t) for t in model.graph.initializer}
+    weights = {t.name: _tensor_bytes(t, fsize) for t in model.graph.initializer}
     _drop_weight_data(model)
     cost = GraphCost()
     _fix_dims(model, dims)
     model, shapes = _fold(model)
     producers = {o: n for n in model.graph.node for o in n.output}
-    cost.weight_bytes = _weights_read(model, weights, shapes)
+    cost.weight_bytes = _weights_read(model, weights, shapes, fsize)
     graph_io = {v.name for v in (*model.graph.input, *model.graph.output)}
     cost.io_bytes = sum(_bytes_of(n, shapes) for n in graph_io)
+    size = lambda name: _bytes_of(name, shapes, fsize)   # noqa: E731 (tensors the engine holds)
     cost.nodes = sum(n.op_type not in FUSED for n in model.graph.node)
     for node in model.graph.node:
         if node.op_type in FUSED:
@@ -301,6 +316,7 @@ def graph_cost(path: str | Path, dims: dict) -> GraphCost:
                 cost.unknown_shapes += 1
             else:
                 p = _precision(node, producers, shapes)
+                p = float_precision if p == "fp32" else p
                 if node.op_type in MATMUL_OPS and _rows(node, shapes) <= GEMV_ROWS:
                     if node.op_type == "MatMulNBits" and \
                             _attrs(node).get("accuracy_level") == 4:
@@ -310,16 +326,30 @@ def graph_cost(path: str | Path, dims: dict) -> GraphCost:
                         p = "int8"
                     p += GEMV      # a matrix-vector product: a kernel of its own on CPUs
                 cost.macs[p] = cost.macs.get(p, 0) + m
-        sizes = [_bytes_of(o, shapes) for o in node.output if o not in graph_io]
+        if fused and not _weight_compute(node, weights, producers):
+            continue
+        sizes = [size(o) for o in node.output if o not in graph_io]
         cost.activation_sizes.extend(x for x in sizes if x)
         outs = sum(sizes)
         cost.activation_bytes += 2 * outs
-        ins = sum(_bytes_of(i, shapes) for i in node.input if i and i not in weights)
+        ins = sum(size(i) for i in node.input if i and i not in weights)
         cost.peak_node_bytes = max(cost.peak_node_bytes, ins + outs)
     return cost
 
 
-def _weights_read(model, weights: dict, shapes: dict) -> int:
+def _weight_compute(node, weights: dict, producers: dict) -> bool:
+    """A GEMM or conv with a constant weight (an initializer, or the DequantizeLinear of one)."""
+    if node.op_type not in CONV_OPS + MATMUL_OPS:
+        return False
+    for name in node.input[1:]:
+        src = producers.get(name)
+        if name in weights or (src is not None and src.op_type == "DequantizeLinear"
+                               and src.input[0] in weights):
+            return True
+    return False
+
+
+def _weights_read(model, weights: dict, shapes: dict, float_size: int = 4) -> int:
     """Bytes of the weights one run reads: every weight a node consumes, except a table that
     only ``Gather`` looks rows up in (an embedding): there, the rows gathered."""
     read, gathered = set(), 0
@@ -328,7 +358,7 @@ def _weights_read(model, weights: dict, shapes: dict) -> int:
             if name not in weights:
                 continue
             if n.op_type == "Gather" and k == 0:
-                gathered += _bytes_of(n.output[0], shapes) or weights[name]
+                gathered += _bytes_of(n.output[0], shapes, float_size) or weights[name]
             else:
                 read.add(name)
     return sum(weights[w] for w in read) + gathered
@@ -344,7 +374,8 @@ def _load(path):
         raise ValueError(f"not an ONNX model ({e})") from None
 
 
-def weight_bytes_of(path: str | Path) -> int:
-    """Bytes of a graph's initializers (its weights), read from the graph without their data."""
+def weight_bytes_of(path: str | Path, float_precision: str = "fp32") -> int:
+    """Bytes of a graph's initializers (its weights), read from the graph without their data;
+    float32 ones at ``float_precision``'s size (what the engine holds)."""
     model = _load(path)
-    return sum(_tensor_bytes(t) for t in model.graph.initializer)
+    return sum(_tensor_bytes(t, _FLOAT_SIZE[float_precision]) for t in model.graph.initializer)

@@ -13,6 +13,7 @@ from typing import Any
 # compute precisions a rate may be given for; "int4" is weight-only 4-bit (MatMulNBits), whose
 # rate is the kernel's (it dequantizes to fp16/fp32 or computes in int8)
 RATE_PRECISIONS = ("fp32", "fp16", "int8", "int4")
+FLOAT_PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,12 @@ class HardwareConfig:
     # matrix-vector products (a decoded token's MatMuls): their own measured rates where the
     # kernels differ from the GEMM ones (a CPU's 4-bit GEMV dequantizes every weight per token)
     gemv_tops: dict = field(default_factory=dict)
+    # what a float32 graph computes and stores its tensors in on this runtime: "fp16" where the
+    # engine builder lowers it (TensorRT's fp16 flag, the jetson profiles' float decoder)
+    float_precision: str = "fp32"
+    # an engine that fuses element-wise ops into its GEMM / conv kernels and attention into one
+    # kernel (TensorRT): only weight GEMM and conv outputs reach memory (docs/plan.md)
+    fused_engine: bool = False
 
     def rate(self, precision: str) -> tuple[float, str]:
         """(MACs per second, the rate used) for ``precision`` ("int8", or "int4:gemv" for a
@@ -79,6 +86,18 @@ def _fallback(v: Any) -> dict:
     return dict(v)
 
 
+def _flag(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("true or false")
+    return v
+
+
+def _float_precision(v: Any) -> str:
+    if v not in FLOAT_PRECISIONS:
+        raise ValueError(f"one of {', '.join(FLOAT_PRECISIONS)}")
+    return v
+
+
 def hardware_spec(text, number, required) -> dict:
     """The field spec (validator, default) of [hardware], in profile.py's vocabulary."""
     return {
@@ -98,4 +117,6 @@ def hardware_spec(text, number, required) -> dict:
         "runtime_overhead_mb": (number(0), 0.0),
         "fallback": (_fallback, {}),
         "gemv_tops": (_gemv_rates, {}),
+        "float_precision": (_float_precision, "fp32"),
+        "fused_engine": (_flag, False),
     }
