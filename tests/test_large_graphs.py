@@ -156,3 +156,33 @@ def test_gemm_heads_become_matmuls_exactly(trans_b, bias):
     assert [n.op_type for n in model.graph.node] == ["MatMul"] + (["Add"] if bias else [])
     onnx.checker.check_model(model)
     np.testing.assert_allclose(run(model), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("head", [True, False])
+def test_int4_head_false_keeps_the_output_projection_float(tmp_path, head):
+    """``int4_head = false``: the MatMul that writes the graph output (a tied head, exported as
+    Gemm) stays float, as AWQ tools leave it; every other constant-weight MatMul is 4-bit."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pcbedge.recipes.configs import WeightOnlyInt4Config
+    from pcbedge.recipes.weights import quantize_int4_weights
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.standard_normal((256, 64)).astype(np.float32), "E"),
+             numpy_helper.from_array(np.array([1, 256], np.int64), "shape")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="mlp"),
+             helper.make_node("Gemm", ["h", "E"], ["z"], name="head", transB=1),
+             helper.make_node("Reshape", ["z", "shape"], ["logits"], name="r")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                         [1, 64])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                             [1, 256])], inits)
+    src, dst = tmp_path / "d.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    rep = quantize_int4_weights(src, dst, WeightOnlyInt4Config(head=head))
+    ops = {n.output[0]: n.op_type for n in onnx.load(str(dst)).graph.node}
+    assert ops["z"] == ("MatMulNBits" if head else "MatMul") and ops["h"] == "MatMulNBits"
+    assert rep["nodes"] == ({"MatMulNBits": 2} if head else {"MatMulNBits": 1, "MatMul": 1})

@@ -127,6 +127,9 @@ class WeightOnlyInt4Config(_Recipe):
     # "int8" quantizes the activations per block and uses int8 dot products (4.7x the float
     # path's matrix-vector rate on the 2-core build box, docs/real-size.md)
     compute: str = "float"
+    # the projection that writes a graph output (a decoder's vocabulary head) in 4-bit too;
+    # False keeps it float, as AWQ tools and TensorRT Edge-LLM leave it
+    head: bool = True
 
     def __post_init__(self):
         if self.compute not in INT4_COMPUTE:
@@ -172,7 +175,8 @@ def config_for_group(profile, group: str):
     if precision == "fp16":
         return Fp16Config()
     if precision == "int4":
-        return WeightOnlyInt4Config(block_size=q.block_size, compute=q.int4_compute)
+        return WeightOnlyInt4Config(block_size=q.block_size, compute=q.int4_compute,
+                                    head=q.int4_head)
     ops = tuple(getattr(q, f"{group}_ops"))
     if group == "decoder" and q.decoder_method == "dynamic":
         return DynamicInt8Config(op_types=ops or ("MatMul",), per_channel=q.per_channel)

@@ -48,9 +48,11 @@ def quantize_int4_weights(src: Path, dst: Path, config, calibration=None) -> dic
         from pcbedge.recipes.configs import INT4_COMPUTE
         model = onnx.load(str(src))
         gemms_as_matmuls(model)   # a tied LM head is exported as Gemm(x, W, transB=1)
+        keep = [] if config.head else output_projections(model)
         q = MatMulNBitsQuantizer(model, bits=4, block_size=config.block_size,
                                  is_symmetric=config.symmetric,
-                                 accuracy_level=INT4_COMPUTE[config.compute])
+                                 accuracy_level=INT4_COMPUTE[config.compute],
+                                 nodes_to_exclude=keep)
         q.process()
         q.model.topological_sort()
         save_graph(q.model.model, dst)   # 4-bit weights past 1 GiB keep a side-car file
@@ -58,6 +60,26 @@ def quantize_int4_weights(src: Path, dst: Path, config, calibration=None) -> dic
         raise ExportError(f"4-bit weight quantization of {src.name} failed: "
                           f"{type(e).__name__}: {e}", fix="check the graph's MatMul weights") from e
     return {**config.to_dict(), "nodes": _count(dst, ("MatMulNBits", "MatMul"))}
+
+
+# ops that pass a projection's result on to a graph output unchanged in value
+_PASS_THROUGH = ("Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Add")
+
+
+def output_projections(model) -> list[str]:
+    """Names of the MatMul nodes with a constant weight whose result becomes a graph output
+    through value-preserving ops only (a decoder's vocabulary head)."""
+    inits = {t.name for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    found = []
+    for out in model.graph.output:
+        n = producer.get(out.name)
+        while n is not None and n.op_type in _PASS_THROUGH and n.input:
+            n = producer.get(n.input[0])
+        if n is not None and n.op_type == "MatMul" and len(n.input) > 1 \
+                and n.input[1] in inits:
+            found.append(n.name)
+    return found
 
 
 def gemms_as_matmuls(model) -> int:

@@ -65,6 +65,7 @@ class QuantizationSettings:
     decoder_method: str = "static"    # int8 decoder: "static" (Q/DQ, calibrated) or "dynamic"
     block_size: int = 32              # int4: weights per scale
     int4_compute: str = "float"       # int4 on onnxruntime: "float" or "int8" activations
+    int4_head: bool = True            # int4: the output projection (vocabulary head) too
     reduce_range: bool = False        # static int8: 7-bit weights (no u8s8 saturation)
     weight_type: str = "int8"         # static int8 on onnxruntime: "int8" (u8s8) or "uint8" (u8u8)
 
@@ -251,6 +252,7 @@ SECTIONS: dict[str, tuple[type, dict]] = {
         "decoder_method": (_choice(*DECODER_METHODS), "static"),
         "block_size": (_int(16, 4096), 32),
         "int4_compute": (_choice("float", "int8"), "float"),
+        "int4_head": (_bool, True),
         "reduce_range": (_bool, False),
         "weight_type": (_choice("int8", "uint8"), "int8")}),
     "pruning": (TokenPruningConfig, {
