@@ -5,7 +5,8 @@ call attends over its own patches), the embed graph and the decoder over the who
 (pruned visual tokens dropped), then per generated token the embed graph and the decoder with
 one token and the growing KV cache. Typical sizes (overridable, e.g. ``--new-tokens``): two
 images, 40 text tokens of chat template and question, 16 generated tokens (the length the
-2B-class measurements use, docs/plan.md).
+2B-class measurements use, docs/plan.md); ``visual_tokens`` per image defaults to the
+bundle's.
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ def plan_calls(manifest: dict, typical: dict) -> tuple[list[Call], dict]:
     t = {**TYPICAL, **typical}
     v = manifest["vision"]
     merge, patch = int(v["spatial_merge_size"]), int(v["patch_size"])
-    n_tok = int(manifest["visual_tokens"])              # per image, after the merger
+    # per image, after the merger: the bundle's, or a typical image of another size (the
+    # vision graph's patch axis is dynamic)
+    n_tok = int(t.get("visual_tokens") or manifest["visual_tokens"])
     side = int(round(np.sqrt(n_tok))) * merge          # patches per side (square input)
     grid = np.array([[1, side, side]], np.int64)
     vdims = {"n_patches": n_tok * merge * merge, "n_images_1": 2, "n_tokens": n_tok}
