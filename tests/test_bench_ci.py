@@ -35,7 +35,7 @@ XSD = Path(__file__).parent / "data" / "junit.xsd"
 def bundle(tmp_path_factory) -> Path:
     pytest.importorskip("torch")
     from pcbedge.testing import tiny_bundle
-    return tiny_bundle(tmp_path_factory.mktemp("bench-ci"))[1]
+    return tiny_bundle(tmp_path_factory.getbasetemp() / "shared-tiny-export")[1]
 
 
 def _with_target(bundle: Path, dest: Path, bench: dict) -> Path:

@@ -125,7 +125,7 @@ def runs(tmp_path_factory):
     from pcbedge.testing import tiny_bundle
 
     root = tmp_path_factory.mktemp("compare")
-    bundle = tiny_bundle(root)[1]
+    bundle = tiny_bundle(tmp_path_factory.getbasetemp() / "shared-tiny-export")[1]
     real = wl.open_runner
     mp = pytest.MonkeyPatch()
     try:

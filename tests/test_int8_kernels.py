@@ -82,8 +82,8 @@ def _conv_weight_range(path: Path) -> int:
     return widest
 
 
-def test_reduce_range_keeps_weights_within_7_bits(tmp_path, sample_data):
-    export = tiny_bundle(tmp_path / "tiny")[1]
+def test_reduce_range_keeps_weights_within_7_bits(tmp_path, tmp_path_factory, sample_data):
+    export = tiny_bundle(tmp_path_factory.getbasetemp() / "shared-tiny-export")[1]
     cal = select_calibration_set(sample_data)
     full, reduced = tmp_path / "full.onnx", tmp_path / "reduced.onnx"
     quantize_graph(export / "vision.onnx", full, StaticInt8Config(op_types=("Conv",)),
