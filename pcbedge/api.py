@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# the shipped reference model (pcbedge.families.pcbvlm.REFERENCE, without importing the family)
-DEFAULT_MODEL = Path(__file__).resolve().parent / "families" / "pcbvlm" / "reference"
+from pcbedge.families import DEFAULT_FAMILY, default_model
+
+# the shipped reference model of the registry's default family (its package is torch-free)
+DEFAULT_MODEL: Path = default_model()
 
 
 def export_model(model_dir: str | Path | None = None, out_dir: str | Path = "bundles/export",
@@ -48,9 +50,9 @@ def load_runner(path: str | Path | None = None, **kwargs):
 
 
 def finetune(data_dir: str | Path, out_dir: str | Path, **kwargs):
-    """Train the reference PCB VLM from scratch on a DeepPCB-layout trainval split."""
-    from pcbedge.families.pcbvlm.model.train import FinetuneConfig, finetune as _finetune
-    return _finetune(data_dir, out_dir, FinetuneConfig(**kwargs))
+    """Train the default family's reference VLM on a DeepPCB-layout trainval split."""
+    from pcbedge.families import get_family
+    return get_family(DEFAULT_FAMILY).finetune(data_dir, out_dir, **kwargs)
 
 
 def list_targets():

@@ -73,10 +73,12 @@ def test_family_provides_every_role(name):
 
 
 def test_core_never_names_a_family():
-    """No core module imports a family folder or names a family (the registry's one line per
-    family is the only place; api/cli are the shell, testing.py the fixtures)."""
+    """No core module, nor the API and CLI, imports a family folder or names a family (the
+    registry's one line per family and its DEFAULT_FAMILY are the only places; testing.py
+    holds the fixtures)."""
     core = [p for pkg in CORE for p in (REPO / "pcbedge" / pkg).rglob("*.py")]
-    core += [REPO / "pcbedge" / f for f in ("geometry.py", "errors.py", "checkpoint.py")]
+    core += [REPO / "pcbedge" / f for f in ("geometry.py", "errors.py", "checkpoint.py", "api.py",
+                                             "cli.py")]
     offenders = []
     for p in core:
         for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
@@ -172,3 +174,17 @@ def test_adding_the_toy_family_touched_no_core_file():
     hits = subprocess.run(["grep", "-rl", "toyvlm", str(REPO / "pcbedge")], capture_output=True,
                           text=True).stdout.split()
     assert hits == []
+
+
+def test_the_default_family_ships_the_default_model_and_trains_it(monkeypatch, tmp_path):
+    """The API's default model and `finetune` come from the registry's DEFAULT_FAMILY."""
+    from pcbedge import api
+    from pcbedge.families import DEFAULT_FAMILY, default_model
+    fam = get_family(DEFAULT_FAMILY)
+    assert api.DEFAULT_MODEL == default_model() == fam.reference_model
+    fam.check_model_dir(fam.reference_model)             # a complete model folder
+    seen = {}
+    monkeypatch.setattr(fam.module("train"), "finetune",
+                        lambda d, o, **kw: seen.update(data=d, out=o, **kw) or "trained")
+    assert api.finetune("data", tmp_path, seed=3) == "trained"
+    assert seen == {"data": "data", "out": tmp_path, "seed": 3}

@@ -24,6 +24,9 @@ FAMILIES: dict[str, str] = {
     "qwen2_vl": "pcbedge.families.qwen_vl:Qwen2VlFamily",
     "qwen2_5_vl": "pcbedge.families.qwen_vl:Qwen25VlFamily",
 }
+# the family whose shipped reference model a verb uses when it is given no model, and whose
+# training `pcbedge finetune` runs
+DEFAULT_FAMILY = "pcbvlm"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _LOADED: dict[str, type] = {}
 
@@ -65,6 +68,11 @@ def get_family(name: str):
                              "family is a folder under pcbedge/families/ and one line in "
                              "pcbedge.families.FAMILIES")
     return _load(name)()
+
+
+def default_model() -> Path:
+    """The reference model folder that :data:`DEFAULT_FAMILY` ships (torch-free)."""
+    return _load(DEFAULT_FAMILY).reference_model
 
 
 def detect_family(model_dir: str | Path):

@@ -46,7 +46,13 @@ class Family:
     # near-equal scores may come out in another order (parity tolerates that)
     ranked_outputs: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {}
     template_optional: ClassVar[bool] = False      # can answer without a golden template
+    reference_model: ClassVar[Path | None] = None  # a model folder the family ships, if any
     modules: ClassVar[dict[str, str]] = {}         # role -> module path (imported on demand)
+
+    def finetune(self, data_dir, out_dir, **kwargs):
+        """Train the family's model on a DeepPCB-layout split: its ``train`` module's
+        ``finetune(data_dir, out_dir, **kwargs)``; NotImplementedError for a family without."""
+        return self.module("train").finetune(data_dir, out_dir, **kwargs)
 
     def module(self, role: str):
         """The family's module for ``role``; NotImplementedError when it declares none."""

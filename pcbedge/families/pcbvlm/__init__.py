@@ -22,9 +22,10 @@ class PcbVlmFamily(Family):
     graph_roles = ("vision", "decoder_prefill", "decoder_step")
     graph_groups = {"vision": ("vision",), "decoder": ("decoder_prefill", "decoder_step")}
     ranked_outputs = {"vision": ("region_scores", ("region_tokens", "region_boxes"))}
+    reference_model = REFERENCE
     modules = {role: f"pcbedge.families.pcbvlm.{role}"
                for role in ("export", "parity", "runner", "torch_runner", "recipe", "schema",
-                            "plan")}
+                            "plan", "train")}
 
     def reference_answer(self, model, x, question: str, meta, keep=None) -> dict:
         """The model's own answer loop (parity compares the ONNX answer with it)."""
