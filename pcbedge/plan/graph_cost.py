@@ -303,7 +303,10 @@ def graph_cost(path: str | Path, dims: dict, float_precision: str = "fp32",
     cost.weight_bytes = _weights_read(model, weights, shapes, fsize)
     graph_io = {v.name for v in (*model.graph.input, *model.graph.output)}
     cost.io_bytes = sum(_bytes_of(n, shapes) for n in graph_io)
-    size = lambda name: _bytes_of(name, shapes, fsize)   # noqa: E731 (tensors the engine holds)
+
+    def size(name: str) -> int:          # an intermediate tensor as the engine holds it
+        return _bytes_of(name, shapes, fsize)
+
     cost.nodes = sum(n.op_type not in FUSED for n in model.graph.node)
     for node in model.graph.node:
         if node.op_type in FUSED:
