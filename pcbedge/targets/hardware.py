@@ -86,20 +86,9 @@ def _fallback(v: Any) -> dict:
     return dict(v)
 
 
-def _flag(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError("true or false")
-    return v
-
-
-def _float_precision(v: Any) -> str:
-    if v not in FLOAT_PRECISIONS:
-        raise ValueError(f"one of {', '.join(FLOAT_PRECISIONS)}")
-    return v
-
-
-def hardware_spec(text, number, required) -> dict:
-    """The field spec (validator, default) of [hardware], in profile.py's vocabulary."""
+def hardware_spec(text, number, flag, choice, required) -> dict:
+    """The field spec (validator, default) of [hardware], in profile.py's vocabulary (its
+    validators are passed in)."""
     return {
         "device": (text, required),
         "peak_tops": (_rates, required),
@@ -117,6 +106,6 @@ def hardware_spec(text, number, required) -> dict:
         "runtime_overhead_mb": (number(0), 0.0),
         "fallback": (_fallback, {}),
         "gemv_tops": (_gemv_rates, {}),
-        "float_precision": (_float_precision, "fp32"),
-        "fused_engine": (_flag, False),
+        "float_precision": (choice(*FLOAT_PRECISIONS), "fp32"),
+        "fused_engine": (flag, False),
     }

@@ -280,7 +280,7 @@ SECTIONS: dict[str, tuple[type, dict]] = {
         "max_other_runnable_per_cpu": (_number(0.0), 0.25)}),
     "security": (SecurityConfig, {
         "require_signature": (_bool, False)}),
-    "hardware": (HardwareConfig, hardware_spec(_text, _number, REQUIRED)),
+    "hardware": (HardwareConfig, hardware_spec(_text, _number, _bool, _choice, REQUIRED)),
 }
 OPTIONAL_SECTIONS = ("tensorrt", "gates", "bench", "security", "hardware")
 NONE_WHEN_ABSENT = ("tensorrt", "hardware")
