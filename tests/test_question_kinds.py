@@ -102,7 +102,6 @@ def test_program_grammar_masks():
 def test_program_uses_every_number(n, scopes):
     """A question's numbers are its scope's arguments: with 2 / 3 / 4 numbers only the scopes
     taking exactly that many are allowed, and each number fills one slot, once."""
-    from pcbedge.families.pcbvlm.program import ProgramState
     sp, _ = spec()
     p = sp["program"]
     st = drive(sp, [sp["intents"]["describe"], sp["filters"]["all"]], n)
@@ -121,7 +120,6 @@ def test_program_uses_every_number(n, scopes):
 def test_program_numbers_no_scope_takes_exactly(n):
     """One number, or more than a box's four: any scope taking no more than the question
     holds (the model's reading decides)."""
-    from pcbedge.families.pcbvlm.program import ProgramState
     sp, _ = spec()
     p = sp["program"]
     st = drive(sp, [sp["intents"]["describe"], sp["filters"]["all"]], n)
@@ -247,7 +245,7 @@ def test_training_batches_of_programs_and_board_passes():
 
     from pcbedge.families.pcbvlm.model.train import FinetuneConfig
     from pcbedge.families.pcbvlm.model.train_lm import IGNORE, make_batch, program_ids
-    from pcbedge.testing import tiny_pcbvlm_model
+    from pcbedge.families.pcbvlm.testing import tiny_pcbvlm_model
     model = tiny_pcbvlm_model()
     sp = model.spec
     K = sp["num_regions"]
