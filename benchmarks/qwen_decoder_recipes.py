@@ -42,7 +42,7 @@ def main() -> None:
     args = ap.parse_args()
     from pcbedge import api
     from pcbedge.targets import TARGETS_DIR
-    from pcbedge.testing import tiny_qwen2_vl
+    from pcbedge.families.qwen_vl.testing import tiny_qwen2_vl
 
     base = (TARGETS_DIR / "x86-cpu.toml").read_text()
     rows = []

@@ -26,7 +26,7 @@ QUESTION = "where are the defects on this board?"
 
 def build_bundle(root: Path) -> Path:
     from pcbedge.export.exporter import export_model
-    from pcbedge.testing import tiny_qwen2_vl
+    from pcbedge.families.qwen_vl.testing import tiny_qwen2_vl
 
     model_dir = tiny_qwen2_vl(root, "qwen2_vl", name="mid-qwen2-vl", hidden=512, layers=4,
                               heads=8, kv_heads=2, vision_dim=128, vision_depth=2)

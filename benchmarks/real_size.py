@@ -29,7 +29,8 @@ def make(config: Path, out: Path, shard_size: str, layers: int | None,
     import transformers as tf
 
     from pcbedge.families.qwen_vl.templates import QWEN2_VL_TEMPLATE
-    from pcbedge.testing import QWEN_PREPROCESSOR, QWEN_SPECIAL_TOKENS, tiny_qwen_tokenizer
+    from pcbedge.families.qwen_vl.testing import (QWEN_PREPROCESSOR, QWEN_SPECIAL_TOKENS,
+                                                  tiny_qwen_tokenizer)
 
     cfg = json.loads(config.read_text())
     cfg_name, cls_name = CLASSES[cfg["model_type"]]

@@ -34,7 +34,7 @@ def tiny_bundle(tmp_path_factory) -> Path:
     """A tiny random PcbVlm exported to an ONNX bundle (input 128, 2 decoder layers)."""
     pytest.importorskip("torch")
     from pcbedge.export.exporter import export_model
-    from pcbedge.testing import tiny_pcbvlm
+    from pcbedge.families.pcbvlm.testing import tiny_pcbvlm
 
     root = tmp_path_factory.mktemp("bench")
     model = tiny_pcbvlm(root)

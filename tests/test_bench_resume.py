@@ -19,7 +19,7 @@ FAST = {"queries": 2, "min_seconds": 0.0, "warmup": 0, "max_boards": 3, "progres
 def tiny_bundle(tmp_path_factory) -> Path:
     pytest.importorskip("torch")
     from pcbedge.export.exporter import export_model
-    from pcbedge.testing import tiny_pcbvlm
+    from pcbedge.families.pcbvlm.testing import tiny_pcbvlm
 
     root = tmp_path_factory.mktemp("resume")
     return export_model(tiny_pcbvlm(root), root / "bundle", check=False, progress=False)

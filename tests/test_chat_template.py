@@ -37,7 +37,7 @@ ct = _load_module()
 def hf_tok():
     """A transformers fast tokenizer around the tiny Qwen-like tokenizer (no downloads)."""
     transformers = pytest.importorskip("transformers")
-    from pcbedge.testing import tiny_qwen_tokenizer
+    from pcbedge.families.qwen_vl.testing import tiny_qwen_tokenizer
 
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tiny_qwen_tokenizer(), eos_token="<|im_end|>",

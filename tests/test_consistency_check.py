@@ -10,7 +10,8 @@ import torch
 
 from pcbedge.export.exporter import export_model
 from pcbedge.families.pcbvlm.model.vision import difference_support
-from pcbedge.testing import random_pair_input, tiny_pcbvlm_model
+from pcbedge.testing import random_pair_input
+from pcbedge.families.pcbvlm.testing import tiny_pcbvlm_model
 
 torch.set_num_threads(1)
 

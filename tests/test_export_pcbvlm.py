@@ -18,7 +18,8 @@ from pcbedge.export import exporter
 from pcbedge.export.exporter import export_model
 from pcbedge.families import get_family
 from pcbedge.bundle.manifest import SCHEMA_VERSION, read_manifest, sha256_file
-from pcbedge.testing import random_pair_input, tiny_bundle, tiny_pcbvlm
+from pcbedge.testing import random_pair_input, tiny_bundle
+from pcbedge.families.pcbvlm.testing import tiny_pcbvlm
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -313,7 +314,7 @@ def test_flip_average_exports_and_matches_torch(tmp_path):
 
     from pcbedge.families.pcbvlm.model.model import PcbVlm
     from pcbedge.families.pcbvlm.runner import PcbVlmOnnxRunner
-    from pcbedge.testing import tiny_pcbvlm_model
+    from pcbedge.families.pcbvlm.testing import tiny_pcbvlm_model
     m = tiny_pcbvlm_model()
     m.cfg = replace(m.cfg, vision=replace(m.cfg.vision, flip_average=True))
     m.vision.cfg = m.cfg

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from pcbedge.families.qwen_vl.export import VisionGraph, vision_feeds  # noqa: E402
 from pcbedge.families.qwen_vl import preprocess as qp  # noqa: E402
-from pcbedge.testing import tiny_qwen2_vl_model  # noqa: E402
+from pcbedge.families.qwen_vl.testing import tiny_qwen2_vl_model  # noqa: E402
 
 GRIDS = ([(1, 4, 6)], [(1, 8, 8), (1, 4, 6)], [(1, 12, 16)], [(1, 2, 2)])
 

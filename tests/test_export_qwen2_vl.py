@@ -17,7 +17,7 @@ from pcbedge.families.qwen_vl.parity import random_board  # noqa: E402
 from pcbedge.bundle.manifest import read_manifest, sha256_file  # noqa: E402
 from pcbedge.runtime import load_runner  # noqa: E402
 from pcbedge.families.qwen_vl import preprocess as qp  # noqa: E402
-from pcbedge.testing import QWEN_PREPROCESSOR, tiny_qwen2_vl  # noqa: E402
+from pcbedge.families.qwen_vl.testing import QWEN_PREPROCESSOR, tiny_qwen2_vl  # noqa: E402
 
 torch.set_num_threads(1)
 VARIANTS = ("qwen2_vl", "qwen2_5_vl")

@@ -84,7 +84,7 @@ def kill_runs(make_argv, duration: float, root: Path, rng: random.Random) -> lis
 @pytest.fixture(scope="module")
 def export_run(tmp_path_factory) -> tuple[Path, Path, float]:
     """(tiny model folder, its export, seconds the export took) from one uninterrupted run."""
-    from pcbedge.testing import tiny_pcbvlm
+    from pcbedge.families.pcbvlm.testing import tiny_pcbvlm
     root = tmp_path_factory.mktemp("interrupts")
     model = tiny_pcbvlm(root)
     out = root / "measured" / "export"

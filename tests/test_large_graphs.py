@@ -29,7 +29,7 @@ def side_car_export(tmp_path_factory):
     from pcbedge.bundle import graph_io
     from pcbedge.export import exporter
     from pcbedge.recipes import build
-    from pcbedge.testing import tiny_qwen2_vl
+    from pcbedge.families.qwen_vl.testing import tiny_qwen2_vl
 
     mp = pytest.MonkeyPatch()
     mp.setattr(exporter, "EXTERNAL_DATA_BYTES", 0)

@@ -169,7 +169,7 @@ def test_schema_version_too_old_or_new(export, tmp_path):
 def _region_offset() -> int:
     from pcbedge.data.qa import vocabulary_corpus
     from pcbedge.families.pcbvlm.tokenizer import build_tokenizer
-    from pcbedge.testing import TINY_NUM_REGIONS
+    from pcbedge.families.pcbvlm.testing import TINY_NUM_REGIONS
     tok = build_tokenizer(vocabulary_corpus(), TINY_NUM_REGIONS)
     return tok.get_vocab(with_added_tokens=True)["<r_0>"]
 

@@ -199,7 +199,7 @@ def tiny_bundles(tmp_path_factory):
     pytest.importorskip("torch")
     from pcbedge.export.exporter import export_model
     from pcbedge.recipes.build import build_bundle
-    from pcbedge.testing import tiny_pcbvlm
+    from pcbedge.families.pcbvlm.testing import tiny_pcbvlm
     root = tmp_path_factory.mktemp("plan")
     export = export_model(tiny_pcbvlm(root), root / "export", check=False, progress=False)
     built = build_bundle("x86-cpu", export, root / "x86-cpu", progress=False)
@@ -236,7 +236,7 @@ def test_plan_of_a_tiny_qwen_bundle(tmp_path, variant):
     pytest.importorskip("transformers")
     from pcbedge.export.exporter import export_model
     from pcbedge.plan import plan_bundle
-    from pcbedge.testing import tiny_qwen2_vl
+    from pcbedge.families.qwen_vl.testing import tiny_qwen2_vl
     export = export_model(tiny_qwen2_vl(tmp_path, variant), tmp_path / "export", check=False,
                           progress=False)
     p = plan_bundle(export, "x86-cpu", typical={"new_tokens": 8})

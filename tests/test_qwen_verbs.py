@@ -17,7 +17,8 @@ from pcbedge.bundle.manifest import read_manifest, verify_files  # noqa: E402
 from pcbedge.families.qwen_vl.parity import random_board  # noqa: E402
 from pcbedge.families.qwen_vl.templates import NO_SYSTEM_TEMPLATE, QWEN2_VL_TEMPLATE  # noqa
 from pcbedge.targets import load_target, shipped_names  # noqa: E402
-from pcbedge.testing import QWEN_PREPROCESSOR, tiny_qwen2_vl, tiny_qwen2_vl_model  # noqa: E402
+from pcbedge.families.qwen_vl.testing import (QWEN_PREPROCESSOR, tiny_qwen2_vl,  # noqa: E402
+                                              tiny_qwen2_vl_model)
 
 torch.set_num_threads(1)
 VARIANTS = ("qwen2_vl", "qwen2_5_vl")
@@ -113,7 +114,7 @@ def _transformers_tokens(model_dir, template: str, img: np.ndarray, n: int) -> l
     from transformers import (AutoModelForImageTextToText, Qwen2TokenizerFast,
                               Qwen2VLImageProcessor)
 
-    from pcbedge.testing import tiny_qwen_tokenizer
+    from pcbedge.families.qwen_vl.testing import tiny_qwen_tokenizer
     tok = Qwen2TokenizerFast(tokenizer_object=tiny_qwen_tokenizer())
     proc_cfg = {k: v for k, v in QWEN_PREPROCESSOR.items() if k != "image_processor_type"}
     pix = Qwen2VLImageProcessor(**proc_cfg)(images=[img], return_tensors="pt")

@@ -37,7 +37,7 @@ def _shard(folder: Path, n: int = 2) -> list[str]:
 
 @pytest.fixture
 def pcbvlm_pair(tmp_path):
-    from pcbedge.testing import tiny_pcbvlm
+    from pcbedge.families.pcbvlm.testing import tiny_pcbvlm
     single = tiny_pcbvlm(tmp_path / "single")
     sharded = tiny_pcbvlm(tmp_path / "sharded")
     _shard(sharded)
@@ -45,7 +45,7 @@ def pcbvlm_pair(tmp_path):
 
 
 def test_single_file_hash_is_the_file_sha256(tmp_path):
-    from pcbedge.testing import tiny_pcbvlm
+    from pcbedge.families.pcbvlm.testing import tiny_pcbvlm
     folder = tiny_pcbvlm(tmp_path)
     want = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
     assert weights_sha256(folder) == want            # manifests made before shards still match
@@ -82,7 +82,7 @@ def test_pcbvlm_shards_load_export_and_answer(pcbvlm_pair, tmp_path, monkeypatch
 def test_qwen_save_pretrained_shards_export_with_parity(tmp_path):
     pytest.importorskip("transformers")
     from pcbedge.export.exporter import export_model
-    from pcbedge.testing import tiny_qwen2_vl, tiny_qwen2_vl_model
+    from pcbedge.families.qwen_vl.testing import tiny_qwen2_vl, tiny_qwen2_vl_model
 
     folder = tiny_qwen2_vl(tmp_path)
     model, _ = tiny_qwen2_vl_model("qwen2_vl")

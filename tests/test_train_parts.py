@@ -12,7 +12,7 @@ from pcbedge.data.qa import vocabulary_corpus  # noqa: E402
 from pcbedge.families.pcbvlm.tokenizer import build_tokenizer, encode_question  # noqa: E402
 from pcbedge.families.pcbvlm.model.train import with_tokenizer  # noqa: E402
 from pcbedge.families.pcbvlm.model.train_lm import pointer_set_loss  # noqa: E402
-from pcbedge.testing import TINY_NUM_REGIONS, tiny_pcbvlm_model  # noqa: E402
+from pcbedge.families.pcbvlm.testing import TINY_NUM_REGIONS, tiny_pcbvlm_model  # noqa: E402
 
 
 def test_pointer_set_loss_is_minus_log_mass_on_the_allowed_regions():

@@ -21,7 +21,8 @@ A role module provides: ``export`` -> ``load_model(model_dir, family)``,
 -> ``open_runner(path, manifest_or_none / family=..., **kwargs)``; ``recipe`` ->
 ``apply_shapes``, ``calibration_feeds``, ``after_quantize``, ``trt_axis_ranges``; ``plan`` ->
 ``plan_calls`` (one typical answer's graph calls, for ``pcbedge plan``), with the signatures of
-the methods here.
+the methods here; ``testing`` -> ``tiny_model(folder)`` (a tiny random-weight checkpoint for the
+tests, saved under ``folder``); optionally ``train`` -> ``finetune(data_dir, out_dir, **kw)``.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ class PcbVlmFamily(Family):
     reference_model = REFERENCE
     modules = {role: f"pcbedge.families.pcbvlm.{role}"
                for role in ("export", "parity", "runner", "torch_runner", "recipe", "schema",
-                            "plan", "train")}
+                            "plan", "train", "testing")}
 
     def reference_answer(self, model, x, question: str, meta, keep=None) -> dict:
         """The model's own answer loop (parity compares the ONNX answer with it)."""

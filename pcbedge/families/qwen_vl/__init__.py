@@ -26,7 +26,7 @@ class QwenVlFamily(Family):
     template_optional = True
     modules = {role: f"pcbedge.families.qwen_vl.{role}"
                for role in ("export", "parity", "runner", "torch_runner", "recipe",
-                            "schema", "plan")}
+                            "schema", "plan", "testing")}
     model_class: ClassVar[str] = ""   # the transformers class of the checkpoint
 
 
