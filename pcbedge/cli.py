@@ -64,12 +64,16 @@ def cli() -> None:
 @click.option("--overwrite", is_flag=True,
               help="Replace an --out bundle made by pcbedge (never any other folder).")
 @click.option("--no-check", is_flag=True, help="Skip the ONNX-vs-PyTorch comparison.")
-def export(model_dir, out_dir, overwrite, no_check) -> None:
+@click.option("--precision", default="fp32", show_default=True,
+              help="The graphs' float type: fp32, fp16 (half the files and the export's "
+                   "memory; build widens it back) or bf16 (unchecked: needs --no-check).")
+def export(model_dir, out_dir, overwrite, no_check, precision) -> None:
     """Export a model to checked ONNX graphs + manifest.
 
     Needs the [export] extra."""
     from pcbedge import api
-    out = api.export_model(model_dir, out_dir, overwrite=overwrite, check=not no_check)
+    out = api.export_model(model_dir, out_dir, overwrite=overwrite, check=not no_check,
+                           precision=precision)
     click.echo(f"exported to {out}")
 
 

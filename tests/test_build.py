@@ -308,7 +308,7 @@ def test_tampered_export_refused(export, tmp_path):
 
 
 def test_built_bundle_is_not_an_export(built, tmp_path):
-    with pytest.raises(BundleError, match="not an FP32 export"):
+    with pytest.raises(BundleError, match="not a float export"):
         build_bundle("x86-cuda", built["x86-cpu"], tmp_path / "out", progress=False)
 
 

@@ -66,7 +66,8 @@ def test_bundle_layout_and_manifest(exported):
         "vision.onnx"]
     assert m["family"] == family.name and m["assets"] == {"chat_template": "chat_template.jinja"}
     assert m["graph_groups"] == {"vision": ["vision"], "decoder": ["decoder"]}
-    assert tuple(m["graphs"]) == ("vision", "embed", "decoder")
+    # the export order: the decoder first, the small embedding last (export.graphs)
+    assert tuple(m["graphs"]) == family.graph_roles == ("decoder", "vision", "embed")
     assert all(g["exporter"] == "dynamo" and g["opset"] >= 18 for g in m["graphs"].values())
     assert m["source_model"]["sha256"] == sha256_file(model_dir / "model.safetensors")
     assert m["parity"]["passed"] and m["parity"]["answers"]["identical"] == 4

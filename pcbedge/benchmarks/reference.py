@@ -100,9 +100,11 @@ def check_reference(bundle: Path, manifest: dict, ref_path: Path | None, *,
         return {"status": "same_folder", "note": "the bundle is its own reference"}
     ref_manifest = read_manifest_json(ref_path)
     ref = source_of(Path(ref_path), ref_manifest)
-    not_fp32 = {k: v for k, v in (ref.precision or {}).items() if v != "fp32"}
-    if not_fp32:
-        raise BundleError(f"reference {ref_path} is not an FP32 export (precision {not_fp32}): "
+    floats = ref_manifest.get("export_precision") or "fp32"   # fp16 exports are float too
+    not_fp32 = {k: v for k, v in (ref.precision or {}).items() if v != floats}
+    if not_fp32 or floats == "bf16":
+        raise BundleError(f"reference {ref_path} is not an FP32 export (precision "
+                          f"{not_fp32 or ref.precision}): "
                           "drift against it would not measure what the bundle lost",
                           fix="pass the FP32 export the bundle was built from"
                               f"{_built_from(manifest)} as --reference")

@@ -20,7 +20,8 @@ MIN_INPUT_SIZE = 16       # pixels of the square model input; a family's stride 
 MAX_INPUT_SIZE = 4096     # 4096^2 float32 x 3 channels is 200 MB: past that a board hangs
 MAX_TEXT_LEN = 1 << 20    # the position tables of the largest decoders we export (128k) fit
 MAX_THREADS = 256         # onnxruntime thread pools past this are a typo, not a machine
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
+EXPORT_PRECISIONS = ("fp32", "fp16", "bf16")   # pcbedge.export.precision.PRECISIONS
 ENGINES = ("onnxruntime", "tensorrt")
 BUILT_KEYS = ("target", "build", "reference", "quantization", "calibration")
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.+-]*"
@@ -261,6 +262,7 @@ MANIFEST: dict[str, Spec] = {
     "assets": Map(REL_PATH, nullable=True),
     "precision": Obj({"vision": Str(PRECISIONS), "decoder": Str(PRECISIONS)},
                      required=("vision", "decoder"), extra=False),
+    "export_precision": Str(EXPORT_PRECISIONS),
     "pruning": Obj({"method": NAME, "keep_ratio": Num(0.0, 1.0, lo_open=True),
                     "min_tokens": Int(1, 1 << 20)}, required=("method",), extra=False,
                    nullable=True),
@@ -315,9 +317,11 @@ def _groups_name_graphs(m: dict) -> None:
 
 
 def is_built(m: dict) -> bool:
-    """A bundle built for a target (by ``pcbedge build``), not a portable FP32 export."""
+    """A bundle built for a target (by ``pcbedge build``), not a portable float export (whose
+    graphs are all of its ``export_precision``, fp32 when absent)."""
     precision = m.get("precision") or {}
-    return any(k in m for k in BUILT_KEYS) or any(v != "fp32" for v in precision.values())
+    floats = m.get("export_precision") or "fp32"
+    return any(k in m for k in BUILT_KEYS) or any(v != floats for v in precision.values())
 
 
 def _built_names_its_target(m: dict) -> None:
@@ -325,7 +329,8 @@ def _built_names_its_target(m: dict) -> None:
     if is_built(m) and not isinstance(m.get("target"), dict):
         raise Violation("target", m.get("target"),
                         "an object naming the target and its arch (this bundle was built for a "
-                        "target: it has a build record or graphs that are not fp32)", "missing")
+                        "target: it has a build record or graphs not of its export "
+                        "precision)", "missing")
 
 
 RULES: tuple[Callable[[dict], None], ...] = (_input_multiple, _text_fits, _groups_name_graphs,

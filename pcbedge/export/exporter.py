@@ -18,32 +18,40 @@ from pcbedge.errors import DependencyError, ExportError, OutputError
 from pcbedge.bundle.atomic import check_output, staged_dir
 from pcbedge.bundle.outputs import raise_write_failure
 from pcbedge.export.graphs import GraphExport, ModelHandle
+from pcbedge.export.precision import (DEFAULT_OPSET, DEFAULT_PRECISION, TOLERANCES,
+                                      at_precision, check_precision, torch_dtype)
 from pcbedge.checkpoint import weights_bytes, weights_label, weights_sha256
 from pcbedge.bundle.manifest import KIND, SCHEMA_VERSION, list_files, write_manifest
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 18
 MIN_OPSET = 17
 from pcbedge.bundle.graph_io import EXTERNAL_DATA_BYTES, shareable   # past it: .onnx.data
 
 
-def export_model(model_dir: str | Path, out_dir: str | Path, *, opset: int = DEFAULT_OPSET,
-                 check: bool = True, check_boards: int | None = None, atol: float = 1e-3,
-                 rtol: float = 1e-3, parity_sizes=None, overwrite: bool = False,
-                 progress: bool = True) -> Path:
+def export_model(model_dir: str | Path, out_dir: str | Path, *, opset: int | None = None,
+                 check: bool = True, check_boards: int | None = None, atol: float | None = None,
+                 rtol: float | None = None, parity_sizes=None, overwrite: bool = False,
+                 precision: str = DEFAULT_PRECISION, progress: bool = True) -> Path:
     """Export the VLM in ``model_dir`` into the bundle folder ``out_dir`` and return it.
 
     ``check`` runs the parity check (every graph vs PyTorch at several input sizes and on
     ``check_boards`` boards of the embedded sample, default 4, plus the whole answer loop) and
-    raises ExportError past ``atol + rtol * |reference|``. ``parity_sizes`` overrides the
-    (height, width) sizes checked. ``out_dir`` must not exist or be empty unless ``overwrite``.
+    raises ExportError past ``atol + rtol * |reference|`` (default: the precision's
+    tolerances, 1e-3 for fp32). ``parity_sizes`` overrides the (height, width) sizes checked.
+    ``precision``: the graphs' float type, fp32 / fp16 / bf16 (:mod:`pcbedge.export.precision`).
+    ``out_dir`` must not exist or be empty unless ``overwrite``.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _require("torch", "onnx", "onnxscript", "onnxruntime")
-    _check_opset(opset)
+    if opset is not None:
+        _check_opset(opset)
     from pcbedge.families import detect_family
     family = detect_family(model_dir)
+    opset = check_precision(precision, check, family, opset)
+    default_atol, default_rtol = TOLERANCES[precision]
+    atol = default_atol if atol is None else atol
+    rtol = default_rtol if rtol is None else rtol
     family.check_model_dir(model_dir)
     src, dst = model_dir.resolve(), out_dir.resolve()
     if dst == src or src.is_relative_to(dst) or dst.is_relative_to(src):
@@ -57,12 +65,15 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, opset: int = DEF
     with _progress_bar(steps, progress) as bar, staged_dir(
             out_dir, overwrite=overwrite, inputs=inputs, needed=needed) as stage:
         bar.set_description(steps[0])
-        model = family.load_model(model_dir)
+        dtype = None if precision == DEFAULT_PRECISION else torch_dtype(precision)
+        model = (family.load_model(model_dir) if dtype is None
+                 else family.load_model(model_dir, dtype=dtype))
         input_size = family.default_input_size(model)
         memory = {"load model": peak_rss_mb()}
         bar.update()
         graph_records = {}
         for g in family.graphs(model, input_size):
+            g = at_precision(g, precision)
             bar.set_description(f"export {g.name}")
             graph_records[g.name] = export_graph(g, stage, opset)
             memory[f"export {g.name}"] = peak_rss_mb()
@@ -73,13 +84,19 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, opset: int = DEF
         for name, text in family.bundle_files(model).items():
             (stage / name).write_text(text, encoding="utf-8")
         manifest = build_manifest(family, model, model_dir, input_size, graph_records)
+        manifest["export_precision"] = precision
+        manifest["precision"] = {k: precision for k in manifest.get("precision") or {}}
         bar.set_description(steps[-2])
         manifest["parity"] = None
         if check:
+            # parity's reference is PyTorch in float32 whatever the graphs' precision
             if family.parity_releases_model:
                 g = None   # the last graph's wrapper module holds the model too
-                model = ModelHandle(model, lambda: family.load_model(model_dir))
+                model = ModelHandle(model if dtype is None else None,
+                                    lambda: family.load_model(model_dir))
                 gc.collect()
+            elif dtype is not None:
+                model = model.float()
             manifest["parity"] = family.check_parity(model, stage, manifest, sizes=parity_sizes,
                                                      boards=check_boards, atol=atol, rtol=rtol)
             memory["parity"] = peak_rss_mb()

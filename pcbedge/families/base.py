@@ -27,6 +27,7 @@ tests, saved under ``folder``); optionally ``train`` -> ``finetune(data_dir, out
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 from typing import ClassVar, Iterable
 
@@ -47,6 +48,8 @@ class Family:
     # near-equal scores may come out in another order (parity tolerates that)
     ranked_outputs: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {}
     template_optional: ClassVar[bool] = False      # can answer without a golden template
+    # the float types its graphs export in (``pcbedge export --precision``; export/precision.py)
+    export_precisions: ClassVar[tuple[str, ...]] = ("fp32",)
     reference_model: ClassVar[Path | None] = None  # a model folder the family ships, if any
     modules: ClassVar[dict[str, str]] = {}         # role -> module path (imported on demand)
 
@@ -68,9 +71,16 @@ class Family:
         from pcbedge.families import check_model_files
         check_model_files(Path(model_dir), self.model_files)
 
-    def load_model(self, model_dir: Path):
-        """The torch model in eval mode."""
-        return self.module("export").load_model(Path(model_dir), self)
+    def load_model(self, model_dir: Path, dtype=None):
+        """The torch model in eval mode; ``dtype`` (a torch float type) loads it in that type
+        where the family's ``load_model`` takes one (the weights never pass through float32),
+        else converts it after loading."""
+        load = self.module("export").load_model
+        if dtype is None:
+            return load(Path(model_dir), self)
+        if "dtype" in inspect.signature(load).parameters:
+            return load(Path(model_dir), self, dtype=dtype)
+        return load(Path(model_dir), self).to(dtype)
 
     def default_input_size(self, model) -> int:
         return self.module("export").default_input_size(model)

@@ -19,6 +19,8 @@ from typing import Callable
 
 from pcbedge.bundle.graph_io import shareable, side_car
 from pcbedge.errors import BundleError, CalibrationError, OutputError, TargetError
+from pcbedge.export.precision import graph_precision
+from pcbedge.recipes.widen import set_aside, settle, widen_export
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +106,18 @@ def read_export(export_dir: Path) -> dict:
 
     manifest = read_manifest(export_dir)
     verify_files(export_dir, manifest)
+    floats = graph_precision(manifest)
+    if floats == "bf16":
+        raise BundleError(f"{export_dir} holds bf16 graphs: onnxruntime's CPU provider, which "
+                          "the build calibrates and checks drift with, has no bf16 kernels",
+                          fix="export with --precision fp16 (or fp32) to build from it")
     precision = manifest.get("precision") or {}
-    not_fp32 = {k: v for k, v in precision.items() if v != "fp32"}
-    if not_fp32 or manifest.get("quantization") or manifest.get("target"):
-        raise BundleError(f"{export_dir} is not an FP32 export (precision {precision}"
+    not_float = {k: v for k, v in precision.items() if v != floats}
+    if not_float or manifest.get("quantization") or manifest.get("target"):
+        raise BundleError(f"{export_dir} is not a float export (precision {precision}"
                           + (f", built for target {manifest['target'].get('name')!r}"
                              if manifest.get("target") else "") + ")",
-                          fix="build from the FP32 export made by `pcbedge export`, not from "
+                          fix="build from the float export made by `pcbedge export`, not from "
                               "a built bundle")
     return manifest
 
@@ -179,6 +186,9 @@ def assemble(stage: Path, export_dir: Path, source: dict, family, profile, pruni
     manifest = copy.deepcopy(source)
     for rel in source["files"]:
         link_or_copy(safe_path(export_dir, rel), stage / rel)
+    # an fp16 export: every graph widened to float32 first (quantizers and CPU kernels need it)
+    widened = (widen_export(stage, export_dir, manifest, say)
+               if graph_precision(source) != "fp32" else set())
     family.apply_shapes(manifest, profile.shapes, say)
     manifest["precision"] = {"vision": profile.precision.vision,
                              "decoder": profile.precision.decoder}
@@ -187,13 +197,15 @@ def assemble(stage: Path, export_dir: Path, source: dict, family, profile, pruni
         for role in roles:
             manifest["graphs"][role]["precision"] = manifest["precision"][group]
     manifest["quantization"] = quantize_groups(stage, export_dir, manifest, groups, family,
-                                               profile, cal_set, say)
+                                               profile, cal_set, say, widened)
+    settle(stage)
     manifest["calibration"] = cal_set.to_manifest() if cal_set is not None else None
     manifest["pruning"] = pruning.to_dict()
     manifest["target"] = {**profile.as_dict(), "arch": profile.arch}
     manifest["reference"] = {"export_dir": str(export_dir.absolute().resolve()),
                              "manifest_sha256": sha256_file(export_dir / "manifest.json"),
-                             "precision": source.get("precision")}
+                             "precision": source.get("precision"),
+                             "export_precision": graph_precision(source)}
     manifest.update(RUNTIME_STEPS[profile.runtime](stage, manifest, family, profile, pruning,
                                                    say))
     manifest["build"] = {"target": profile.name, "profile_source": profile.source,
@@ -234,9 +246,11 @@ def graph_groups(manifest: dict, family) -> dict[str, tuple[str, ...]]:
 
 
 def quantize_groups(stage: Path, export_dir: Path, manifest: dict, groups: dict, family,
-                    profile, cal_set, say) -> dict | None:
+                    profile, cal_set, say, widened: set | None = None) -> dict | None:
     """Quantize each graph group as the profile's recipe says; the manifest's ``quantization``
-    block (per graph: config, report; per group: the family's after-quantization record)."""
+    block (per graph: config, report; per group: the family's after-quantization record).
+    ``widened``: the roles of an fp16 export widened in the stage, quantized from their widened
+    form instead of the export's own file."""
     from pcbedge.recipes.configs import config_for_group
     from pcbedge.recipes.quantize import quantize_graph
     from pcbedge.recipes.report import summarize
@@ -255,9 +269,10 @@ def quantize_groups(stage: Path, export_dir: Path, manifest: dict, groups: dict,
             say(f"quantizing {rel} ({group}: {config.scheme}" + (
                 f", {', '.join(config.op_types)}, {len(cal_set)} calibration boards)"
                 if config.needs_calibration else ")"))
+            src = set_aside(stage, rel) if role in (widened or ()) else export_dir / rel
             for staged in (stage / rel, side_car(stage / rel)):   # links into the export
                 staged.unlink(missing_ok=True)
-            report = quantize_graph(export_dir / rel, stage / rel, config, feeds)
+            report = quantize_graph(src, stage / rel, config, feeds)
             if "quantized_nodes" in report:
                 say(f"  Q/DQ placement: {summarize(report)}")
             block["graphs"][role] = {"config": config.to_dict(), "placement": report}

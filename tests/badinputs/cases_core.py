@@ -184,7 +184,7 @@ case("build-export-missing", "BundleError", lambda env: Call(
     build(env, export=env.tmp / "no-export"), ("no-export", "folder not found"),
     absent=(env.tmp / "out",)))
 case("build-from-a-built-bundle", "BundleError", lambda env: Call(
-    build(env, export=env.built), (str(env.built), "not an FP32 export"),
+    build(env, export=env.built), (str(env.built), "not a float export"),
     absent=(env.tmp / "out",)))
 
 

@@ -23,6 +23,9 @@ class PcbVlmFamily(Family):
     graph_groups = {"vision": ("vision",), "decoder": ("decoder_prefill", "decoder_step")}
     ranked_outputs = {"vision": ("region_scores", ("region_tokens", "region_boxes"))}
     reference_model = REFERENCE
+    # fp32 only: the vision graph's template-consistency check counts pixels in integral images
+    # that fp16 cannot hold exactly (640 x 640 > 2^11), and its 5 MB of weights gain nothing
+    export_precisions = ("fp32",)
     modules = {role: f"pcbedge.families.pcbvlm.{role}"
                for role in ("export", "parity", "runner", "torch_runner", "recipe", "schema",
                             "plan", "train", "testing")}

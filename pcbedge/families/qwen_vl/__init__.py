@@ -20,10 +20,11 @@ class QwenVlFamily(Family):
     model_files = ("config.json", "model.safetensors", "tokenizer.json",
                    "preprocessor_config.json")
     bundle_copies = ("tokenizer.json",)
-    graph_roles = ("vision", "embed", "decoder")
+    graph_roles = ("decoder", "vision", "embed")   # the export's order: see export.graphs
     # embed is a Gather of the embedding table: it stays FP32 whatever the recipe
     graph_groups = {"vision": ("vision",), "decoder": ("decoder",)}
     template_optional = True
+    export_precisions = ("fp32", "fp16", "bf16")   # weights of gigabytes: fp16 halves them
     modules = {role: f"pcbedge.families.qwen_vl.{role}"
                for role in ("export", "parity", "runner", "torch_runner", "recipe",
                             "schema", "plan", "testing")}

@@ -37,16 +37,17 @@ def _rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def block_mask(cu: torch.Tensor, n: int) -> torch.Tensor:
-    """Additive [n, n] mask: 0 inside a segment of ``cu`` (cumulative lengths from 0), a large
-    negative number across segments."""
+def block_mask(cu: torch.Tensor, n: int, dtype=torch.float32) -> torch.Tensor:
+    """Additive [n, n] mask of ``dtype`` (the tower's float type): 0 inside a segment of ``cu``
+    (cumulative lengths from 0), that type's most negative number across segments."""
     # cu[0] == 0 <= every position; no cu[1:] slice: its length could be 1, and torch.export
     # would then specialise the segment count (one image or one window is the common case)
     k = cu.shape[0]
     pos = torch.arange(n, device=cu.device)[:, None].expand(n, k)
     seg = (pos >= cu[None, :].expand(n, k)).sum(-1)
     same = seg[:, None] == seg[None, :]
-    return torch.where(same, 0.0, torch.finfo(torch.float32).min)
+    zero = torch.zeros((), dtype=dtype, device=cu.device)
+    return torch.where(same, zero, torch.finfo(dtype).min)
 
 
 def masked_attention(attn, x, cos, sin, mask):
@@ -80,8 +81,8 @@ class VisionGraph(nn.Module):
             rotary = rotary.reshape(n // self.unit, self.unit, -1)[window_index].reshape(n, -1)
         emb = torch.cat((rotary, rotary), dim=-1)
         cos, sin = emb.cos(), emb.sin()
-        full = block_mask(cu_seqlens, n)
-        local = block_mask(cu_window_seqlens, n) if self.windowed else full
+        full = block_mask(cu_seqlens, n, h.dtype)
+        local = block_mask(cu_window_seqlens, n, h.dtype) if self.windowed else full
         for i, blk in enumerate(v.blocks):
             mask = full if (not self.windowed or i in self.full) else local
             h = h + masked_attention(blk.attn, blk.norm1(h), cos, sin, mask)
@@ -227,9 +228,9 @@ def text_exports(model, gen) -> list[GraphExport]:
     ]
 
 
-def load_model(model_dir: Path, family):
-    """The transformers model in eval mode, with the checkpoint's image recipe and chat template
-    attached (``pcbedge_recipe``, ``pcbedge_chat_template``)."""
+def load_model(model_dir: Path, family, dtype=None):
+    """The transformers model in eval mode (``dtype``, default float32), with the checkpoint's
+    image recipe and chat template attached (``pcbedge_recipe``, ``pcbedge_chat_template``)."""
     import transformers
 
     from pcbedge.runtime.chat_template import find_chat_template
@@ -241,7 +242,7 @@ def load_model(model_dir: Path, family):
                              "checkpoint folder (transformers' save_pretrained writes "
                              "chat_template.jinja)")
     cls = getattr(transformers, family.model_class)
-    model = cls.from_pretrained(model_dir, dtype=torch.float32,
+    model = cls.from_pretrained(model_dir, dtype=dtype or torch.float32,
                                 attn_implementation="eager").eval()
     model.pcbedge_recipe = read_recipe(model_dir / "preprocessor_config.json")
     model.pcbedge_chat_template = found
@@ -275,8 +276,13 @@ def default_input_size(model) -> int:
 
 
 def graphs(model, input_size: int) -> list[GraphExport]:
+    """The decoder first and the small embedding last: torch's dynamo exporter keeps the last
+    graph it exported alive (with the parameters it captured) past the export, so the graph
+    left behind for the parity phase should be the smallest (docs/real-size.md)."""
     gen = torch.Generator().manual_seed(0)
-    return [vision_export(model, gen), *text_exports(model, gen)]
+    vision = vision_export(model, gen)
+    embed, decoder = text_exports(model, gen)
+    return [decoder, vision, embed]
 
 
 @torch.no_grad()
