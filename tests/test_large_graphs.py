@@ -20,6 +20,7 @@ from pcbedge.targets import load_profile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 INT4_PROFILE = ROOT / "benchmarks" / "real_size" / "x86-cpu-int4.toml"
+INT8_PROFILE = ROOT / "benchmarks" / "real_size" / "x86-cpu-int8.toml"
 OPEN_GATES = {"p95_ms_max": 1e9, "max_map_drop": 1.0, "max_count_drop": 1.0,
               "max_hallucination_rise": 1e9, "min_map": 0.0, "max_question_drop": 1.0}
 
@@ -106,6 +107,29 @@ def test_bench_caps_the_answer_length(side_car_export, tmp_path):
     assert lengths and max(lengths) <= 3      # random weights run to the cap: 3, not 64
     with pytest.raises(Exception, match="max_new_tokens 0"):
         api.run_benchmark(bundle, out_dir=tmp_path / "c", max_new_tokens=0, progress=False)
+
+
+def test_int8_profile_quantizes_the_tied_head_through_side_cars(side_car_export):
+    """The dynamic INT8 decoder: the head's Gemm is rewritten to MatMul first (onnxruntime's
+    dynamic quantizer takes no Gemm), through a temporary graph that does not outlive it."""
+    import onnx
+
+    root, export = side_car_export
+    out = api.build_bundle(str(INT8_PROFILE), export, root / "int8", progress=False)
+    m = read_manifest(out)
+    verify_files(out, m)
+    assert m["precision"] == {"vision": "int8", "decoder": "int8"}
+    assert m["quantization"]["graphs"]["vision"]["config"]["weight_type"] == "int8"
+    ops = [n.op_type for n in onnx.load(str(out / "decoder.onnx")).graph.node]
+    assert "MatMulInteger" in ops and "Gemm" not in ops
+    assert not [p.name for p in out.rglob("*matmul*")]     # the rewrite's temporary is gone
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks" / "real_size").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_real_size_profile_loads_with_hardware(path):
+    p = load_profile(path).for_family("qwen_vl")
+    assert p.hardware is not None and p.hardware.peak_tops and p.hardware.source
 
 
 def test_a_profile_extends_a_shipped_target_from_anywhere(tmp_path):

@@ -57,6 +57,7 @@ def test_build_every_target(qwen):
             import onnx
             ops = {n.op_type for n in onnx.load(str(out / "decoder.onnx")).graph.node}
             assert {"int4": "MatMulNBits", "int8": "MatMulInteger"}[want.precision.decoder] in ops
+            assert "Gemm" not in ops        # the LM head (a Gemm) is quantized too
             drift = q["groups"]["decoder"]["drift_vs_fp32"]
             assert 0 <= drift["first_logits_rel_l2"] < 0.5
         if want.precision.vision == "int8":

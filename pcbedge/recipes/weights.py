@@ -24,18 +24,34 @@ def _count(path: Path, op_types: tuple[str, ...]) -> dict:
 
 def quantize_dynamic_int8(src: Path, dst: Path, config, calibration=None) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    src, dst = Path(src), Path(dst)
+    rewritten = None
     try:
+        import onnx
+        if "MatMul" in config.op_types and _count(src, ("Gemm",)):
+            # onnxruntime's dynamic quantizer takes MatMul but not Gemm: a tied LM head
+            # (Gemm, transB) would stay FP32 and be read whole on every generated token
+            model = onnx.load(str(src))
+            if gemms_as_matmuls(model):
+                rewritten = dst.with_name(f".{dst.stem}.matmul.onnx")
+                save_graph(model, rewritten)
+                src = rewritten
+            del model
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
                          op_types_to_quantize=list(config.op_types),
                          per_channel=config.per_channel,
                          use_external_data_format=has_external_data(src))
         if has_external_data(dst):
-            import onnx
             save_graph(onnx.load(str(dst)), dst)   # one file again where the int8 weights fit
     except Exception as e:  # the quantizer raises many types
         raise ExportError(f"dynamic INT8 quantization of {src.name} failed: "
                           f"{type(e).__name__}: {e}", fix="check the graph's MatMul weights") from e
-    return {**config.to_dict(), "nodes": _count(dst, ("MatMulInteger", "DynamicQuantizeLinear"))}
+    finally:
+        if rewritten is not None:
+            rewritten.unlink(missing_ok=True)
+            side_car(rewritten).unlink(missing_ok=True)
+    return {**config.to_dict(), "nodes": _count(dst, ("MatMulInteger", "DynamicQuantizeLinear",
+                                                      "Gemm"))}
 
 
 def quantize_int4_weights(src: Path, dst: Path, config, calibration=None) -> dict:
@@ -109,6 +125,8 @@ def gemms_as_matmuls(model) -> int:
         name = f"{n.input[1]}_kn" if uses[n.input[1]] > 1 else n.input[1]
         if name == n.input[1]:
             model.graph.initializer.remove(inits[name])
+            for v in [v for v in model.graph.value_info if v.name == name]:
+                model.graph.value_info.remove(v)   # its [N, K] shape is stale now
         model.graph.initializer.append(numpy_helper.from_array(kn, name))
         out = n.output[0] if c is None else f"{n.output[0]}_matmul"
         nodes.append(helper.make_node("MatMul", [n.input[0], name], [out], name=n.name))
