@@ -4,10 +4,11 @@ manifest's I/O contract and the bench do not change: each graph casts its float 
 and its float outputs on exit.
 
 - ``fp32`` (default): what every target's build quantizes from.
-- ``fp16``: half the files, half the checkpoint's memory while exporting (it is loaded in fp16)
-  and half the parity sessions' weights. onnxruntime's CPU provider runs fp16 graphs, so parity
-  is checked as for fp32, against PyTorch in float32 on the same checkpoint, with fp16's
-  tolerances. ``pcbedge build`` widens fp16 graphs back to float32 before it quantizes or keeps
+- ``fp16``: half the files, and the checkpoint held in fp16 while its graphs are traced.
+  onnxruntime's CPU provider runs fp16 graphs, so parity is checked as for fp32, against
+  PyTorch in float32 on the same checkpoint, with fp16's tolerances. On an x86 CPU its sessions
+  are not smaller: they keep a float32 copy of the weights beside the fp16 ones (measured on a
+  2B model, docs/real-size.md). ``pcbedge build`` widens fp16 graphs back to float32 before it quantizes or keeps
   a group float on onnxruntime (:mod:`pcbedge.recipes.widen`).
 - ``bf16``: the checkpoint's own type for most published VLMs; loaded and written in bf16 (half
   of fp32's memory and files). onnxruntime's CPU provider has no bf16 kernels (not even Mul), so
