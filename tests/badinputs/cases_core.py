@@ -292,6 +292,12 @@ case("export-model-pickle-weights", "ModelError", pickled(
 case("export-model-missing", "ModelError", lambda env: Call(
     ["export", "--model", env.tmp / "no-model", "--out", env.tmp / "out"],
     ("no-model", "not found"), absent=(env.tmp / "out",)))
+case("export-precision-unknown", "ExportError", lambda env: Call(
+    ["export", "--model", env.model, "--out", env.tmp / "out", "--precision", "fp8"],
+    ("'fp8'", "fp32, fp16, bf16"), absent=(env.tmp / "out",)))
+case("export-precision-not-of-the-family", "ExportError", lambda env: Call(
+    ["export", "--model", env.model, "--out", env.tmp / "out", "--precision", "fp16"],
+    ("exports fp32 graphs, not fp16", "--precision fp32"), absent=(env.tmp / "out",)))
 case("ask-model-pickle-only", "ModelError", pickled(("neither a bundle",), verb="ask"))
 
 
