@@ -182,6 +182,48 @@ def test_gemm_heads_become_matmuls_exactly(trans_b, bias):
     np.testing.assert_allclose(run(model), want, rtol=1e-6, atol=1e-6)
 
 
+def test_matmul_copy_reads_only_the_gemm_weights(tmp_path):
+    """The dynamic INT8 path's rewrite of a side-car graph: the Gemm head read and written to
+    its own side-car, every other weight copied file to file; same outputs, source intact."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pcbedge.recipes.weights import matmul_copy
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((64, 64)).astype(np.float32)
+    head = rng.standard_normal((4160, 64)).astype(np.float32)       # just over 1 MiB
+    big = rng.standard_normal((64, 8192)).astype(np.float32)         # 2 MiB, the side-car's
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
+             helper.make_node("MatMul", ["h", "B"], ["u"]),
+             helper.make_node("Gemm", ["h", "E"], ["y"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4160]),
+         helper.make_tensor_value_info("u", TensorProto.FLOAT, [2, 8192])],
+        [numpy_helper.from_array(a, n) for a, n in ((w1, "W1"), (head, "E"), (big, "B"))])
+    src = tmp_path / "src" / "decoder.onnx"
+    src.parent.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src),
+              save_as_external_data=True, location="decoder.onnx.data", size_threshold=0)
+    before = (src.parent / "decoder.onnx.data").read_bytes()
+    out = matmul_copy(src, tmp_path / "scratch")
+    assert out == tmp_path / "scratch" / "decoder.onnx"
+    assert (src.parent / "decoder.onnx.data").read_bytes() == before
+    assert (tmp_path / "scratch" / "decoder.onnx.data").read_bytes() == before
+    assert (tmp_path / "scratch" / "decoder.onnx.matmul.data").stat().st_size >= head.nbytes
+    model = onnx.load(str(out), load_external_data=False)
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "MatMul", "MatMul"]
+    onnx.checker.check_model(str(out), full_check=True)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(got[0], (x @ w1) @ head.T, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(got[1], (x @ w1) @ big, rtol=1e-5, atol=1e-4)
+    assert matmul_copy(out, tmp_path / "again") is None      # no Gemm left: nothing to do
+
+
 @pytest.mark.parametrize("head", [True, False])
 def test_int4_head_false_keeps_the_output_projection_float(tmp_path, head):
     """``int4_head = false``: the MatMul that writes the graph output (a tied head, exported as

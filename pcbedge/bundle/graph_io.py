@@ -59,3 +59,40 @@ def shareable(folder: Path) -> None:
     for p in Path(folder).rglob("*"):
         if p.is_file() and not p.is_symlink() and p.stat().st_nlink == 1:   # links: the export's
             os.chmod(p, 0o666 & ~mask)
+
+
+class SideCarWriter:
+    """A side-car file written in order, each tensor at an aligned offset (as the exporters
+    write them); opened on the first tensor, so ``used`` says whether it exists."""
+
+    ALIGN = 4096
+
+    def __init__(self, path: Path):
+        self.path, self.used, self._fh, self._pos = Path(path), False, None, 0
+
+    def __enter__(self):
+        return self
+
+    def put(self, tensor, data) -> None:
+        """Write ``data`` (a uint8 numpy array) and point ``tensor`` (a TensorProto) at it."""
+        if self._fh is None:
+            self._fh = open(self.path, "wb")
+            self.used = True
+        pad = -self._pos % self.ALIGN
+        if pad:
+            self._fh.write(b"\0" * pad)
+            self._pos += pad
+        where = self._pos
+        self._fh.write(data.tobytes())
+        self._pos += data.size
+        tensor.ClearField("raw_data")
+        del tensor.external_data[:]
+        for k, v in (("location", self.path.name), ("offset", str(where)),
+                     ("length", str(data.size))):
+            e = tensor.external_data.add()
+            e.key, e.value = k, v
+        tensor.data_location = 1   # TensorProto.EXTERNAL
+
+    def __exit__(self, *exc):
+        if self._fh is not None:
+            self._fh.close()

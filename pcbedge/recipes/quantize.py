@@ -15,7 +15,7 @@ import contextlib
 import logging
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from pcbedge.bundle.graph_io import has_external_data, save_graph, side_car
 from pcbedge.bundle.outputs import raise_write_failure

@@ -25,31 +25,25 @@ def _count(path: Path, op_types: tuple[str, ...]) -> dict:
 def quantize_dynamic_int8(src: Path, dst: Path, config, calibration=None) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     src, dst = Path(src), Path(dst)
-    rewritten = None
+    scratch = dst.parent / f".{dst.stem}.matmul"
+    external = has_external_data(src)
     try:
         import onnx
         if "MatMul" in config.op_types and _count(src, ("Gemm",)):
             # onnxruntime's dynamic quantizer takes MatMul but not Gemm: a tied LM head
             # (Gemm, transB) would stay FP32 and be read whole on every generated token
-            model = onnx.load(str(src))
-            if gemms_as_matmuls(model):
-                rewritten = dst.with_name(f".{dst.stem}.matmul.onnx")
-                save_graph(model, rewritten)
-                src = rewritten
-            del model
+            src = matmul_copy(src, scratch) or src
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
                          op_types_to_quantize=list(config.op_types),
                          per_channel=config.per_channel,
-                         use_external_data_format=has_external_data(src))
+                         use_external_data_format=external)
         if has_external_data(dst):
             save_graph(onnx.load(str(dst)), dst)   # one file again where the int8 weights fit
     except Exception as e:  # the quantizer raises many types
         raise ExportError(f"dynamic INT8 quantization of {src.name} failed: "
                           f"{type(e).__name__}: {e}", fix="check the graph's MatMul weights") from e
     finally:
-        if rewritten is not None:
-            rewritten.unlink(missing_ok=True)
-            side_car(rewritten).unlink(missing_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     return {**config.to_dict(), "nodes": _count(dst, ("MatMulInteger", "DynamicQuantizeLinear",
                                                       "Gemm"))}
 
@@ -96,6 +90,47 @@ def output_projections(model) -> list[str]:
                 and n.input[1] in inits:
             found.append(n.name)
     return found
+
+
+def matmul_copy(src: Path, folder: Path) -> Path | None:
+    """A copy of the graph ``src`` in ``folder`` with its constant-weight Gemms as MatMuls
+    (:func:`gemms_as_matmuls`), or None when it has none. Only those Gemms' weights are read:
+    the other weights stay in ``src``'s side-car, copied into ``folder`` file to file (a 2B
+    decoder's 6 GB never passes through memory; a hard link would be refused by onnx's
+    external-data check), and the rewritten ones go to a side-car of their own."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    from pcbedge.bundle.graph_io import SideCarWriter
+
+    model = onnx.load(str(src), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    gemm_weights = {n.input[1] for n in model.graph.node
+                    if n.op_type == "Gemm" and len(n.input) > 1 and n.input[1] in inits}
+    if not gemm_weights:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    locations = {e.value for t in model.graph.initializer if uses_external_data(t)
+                 for e in t.external_data if e.key == "location"}
+    for loc in locations:
+        shutil.copyfile(src.parent / loc, folder / loc)
+    for name in gemm_weights:                       # only these weights are read
+        t = inits[name]
+        if uses_external_data(t):
+            info = {e.key: e.value for e in t.external_data}
+            t.raw_data = np.fromfile(src.parent / info["location"], dtype=np.uint8,
+                                     count=int(info["length"]),
+                                     offset=int(info.get("offset", 0))).tobytes()
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+    if not gemms_as_matmuls(model):
+        return None
+    with SideCarWriter(folder / f"{src.name}.matmul.data") as sink:
+        for t in model.graph.initializer:
+            if not uses_external_data(t) and len(t.raw_data) > 1 << 20:
+                sink.put(t, np.frombuffer(t.raw_data, dtype=np.uint8))
+    onnx.save(model, str(folder / src.name))
+    return folder / src.name
 
 
 def gemms_as_matmuls(model) -> int:

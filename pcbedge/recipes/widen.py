@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pcbedge.bundle.graph_io import side_car
+from pcbedge.bundle.graph_io import SideCarWriter, side_car
 from pcbedge.errors import BundleError
 
 FLOAT, FLOAT16 = 1, 10   # onnx TensorProto element types
-ALIGN = 4096             # side-car offsets, as the exporters write them
 
 
 def widen_graph(src: Path, dst: Path) -> dict:
@@ -33,7 +32,7 @@ def widen_graph(src: Path, dst: Path) -> dict:
               "bytes_in": 0, "bytes_out": 0}
     out = side_car(dst)
     out.unlink(missing_ok=True)
-    with _SideCar(out) as sink:
+    with SideCarWriter(out) as sink:
         for t in model.graph.initializer:
             _widen_tensor(t, src.parent, sink, counts)
         _widen_graph(model.graph, counts)
@@ -81,7 +80,7 @@ def _widen_inline(t) -> None:
     t.CopyFrom(numpy_helper.from_array(arr, t.name))
 
 
-def _widen_tensor(t, base: Path, sink: "_SideCar", counts: dict) -> None:
+def _widen_tensor(t, base: Path, sink: SideCarWriter, counts: dict) -> None:
     from onnx.external_data_helper import uses_external_data
 
     if not uses_external_data(t):
@@ -97,39 +96,8 @@ def _widen_tensor(t, base: Path, sink: "_SideCar", counts: dict) -> None:
         raw = raw.view(np.float16).astype("<f4").view(np.uint8)
         t.data_type = FLOAT
         counts["initializers"] += 1
-    where = sink.write(raw)
+    sink.put(t, raw)
     counts["bytes_out"] += raw.size
-    del t.external_data[:]
-    for k, v in (("location", sink.path.name), ("offset", str(where)), ("length", str(raw.size))):
-        e = t.external_data.add()
-        e.key, e.value = k, v
-
-
-class _SideCar:
-    """The widened graph's side-car, written in order, each tensor at an aligned offset."""
-
-    def __init__(self, path: Path):
-        self.path, self.used, self._fh, self._pos = path, False, None, 0
-
-    def __enter__(self):
-        return self
-
-    def write(self, data: np.ndarray) -> int:
-        if self._fh is None:
-            self._fh = open(self.path, "wb")
-            self.used = True
-        pad = -self._pos % ALIGN
-        if pad:
-            self._fh.write(b"\0" * pad)
-            self._pos += pad
-        where = self._pos
-        self._fh.write(data.tobytes())
-        self._pos += data.size
-        return where
-
-    def __exit__(self, *exc):
-        if self._fh is not None:
-            self._fh.close()
 
 
 WIDE_DIR = ".fp32"   # widened graphs set aside while their quantized form is written
