@@ -4,6 +4,12 @@ against measurements.
     python benchmarks/plan_calibrate.py fit --target pcbedge/targets/x86-cpu.toml \\
         --run bundles/x86-cpu:bench-out/report.json [--run BUNDLE:REPORT ...]
     python benchmarks/plan_calibrate.py check --target x86-cpu --run BUNDLE:REPORT
+    python benchmarks/plan_calibrate.py fit --target x86-cpu --run bundles/x86-cpu:bench/report.json \
+        --run big/q2b-x86i8:bench8/report.json@benchmarks/real_size/x86-cpu-int8.toml@16
+
+A run may name its own profile (``@PROFILE``: a profile that ``extends`` the target, with the
+rates of what that bundle builds, e.g. u8 x s8) and its answers' new tokens (``@N``); the
+factors fitted are shared by every run.
 
 ``fit``: with the profile's measured peaks and bandwidth fixed, a grid search over
 ``efficiency_compute`` (0.05-1.0) and ``node_overhead_us`` (0-20 us) minimising the squared
@@ -22,11 +28,16 @@ from pathlib import Path
 STAGES = ("vision", "prefill", "decode")
 
 
-def _runs(specs: list[str]) -> list[tuple[Path, dict]]:
+def _runs(specs: list[str]) -> list[tuple]:
+    """(bundle, report, profile or None, typical) per ``BUNDLE:REPORT[@PROFILE[@NEW_TOKENS]]``."""
+    from pcbedge.targets import load_target
     out = []
     for spec in specs:
-        bundle, _, report = spec.rpartition(":")
-        out.append((Path(bundle), json.loads(Path(report).read_text())))
+        run, *rest = spec.split("@")
+        bundle, _, report = run.rpartition(":")
+        profile = load_target(rest[0]) if rest and rest[0] else None
+        typical = {"new_tokens": int(rest[1])} if len(rest) > 1 else None
+        out.append((Path(bundle), json.loads(Path(report).read_text()), profile, typical))
     return out
 
 
@@ -52,20 +63,20 @@ def _stage_ms(plan: dict, hw, ec: float, tn: float) -> dict:
 
 
 def fit(profile, runs) -> dict:
-    hw = profile.hardware
-    plans = [(_plan(b, profile), _measured(r)) for b, r in runs]
+    plans = [(_plan(b, own or profile, typical), _measured(r), (own or profile).hardware)
+             for b, r, own, typical in runs]
     best = None
     for ec in [x / 100 for x in range(5, 101)]:
         for tn in [x / 10 for x in range(0, 201)]:
             err = 0.0
-            for plan, got in plans:
+            for plan, got, hw in plans:
                 pred = _stage_ms(plan, hw, ec, tn)
                 err += sum(math.log(pred[s] / got[s]) ** 2 for s in STAGES if got.get(s))
             if best is None or err < best[0]:
                 best = (err, ec, tn)
     ns = [got["preprocess"] * 1e6 / plan["typical_answer"]["host_pixels"]
-          for plan, got in plans if got.get("preprocess")
-          and plan["typical_answer"].get("host_pixels")]
+          for plan, got, _ in plans[:1] if got.get("preprocess")
+          and plan["typical_answer"].get("host_pixels")]   # the first run's family's host code
     return {"efficiency_compute": best[1], "node_overhead_us": best[2],
             "host_ns_per_pixel": round(sum(ns) / len(ns), 1) if ns else None,
             "rms_log_error": math.sqrt(best[0] / max(1, 3 * len(runs)))}
@@ -73,8 +84,8 @@ def fit(profile, runs) -> dict:
 
 def check(profile, runs) -> list[dict]:
     rows = []
-    for bundle, report in runs:
-        got, plan = _measured(report), _plan(bundle, profile)
+    for bundle, report, own, typical in runs:
+        got, plan = _measured(report), _plan(bundle, own or profile, typical)
         for s in ("preprocess", *STAGES):
             pred = plan["stages"][s]["predicted_ms"]
             rows.append({"bundle": str(bundle), "stage": s, "predicted_ms": round(pred, 2),
