@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pcbedge.benchmarks.environment import manifest_sha256
 from pcbedge.bundle.manifest import read_manifest_json
+from pcbedge.export.precision import graph_precision
 from pcbedge.errors import BundleError
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def check_reference(bundle: Path, manifest: dict, ref_path: Path | None, *,
         return {"status": "same_folder", "note": "the bundle is its own reference"}
     ref_manifest = read_manifest_json(ref_path)
     ref = source_of(Path(ref_path), ref_manifest)
-    floats = ref_manifest.get("export_precision") or "fp32"   # fp16 exports are float too
+    floats = graph_precision(ref_manifest)   # an fp16 export is a float reference too
     not_fp32 = {k: v for k, v in (ref.precision or {}).items() if v != floats}
     if not_fp32 or floats == "bf16":
         raise BundleError(f"reference {ref_path} is not an FP32 export (precision "

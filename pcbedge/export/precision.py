@@ -8,8 +8,8 @@ and its float outputs on exit.
   onnxruntime's CPU provider runs fp16 graphs, so parity is checked as for fp32, against
   PyTorch in float32 on the same checkpoint, with fp16's tolerances. On an x86 CPU its sessions
   are not smaller: they keep a float32 copy of the weights beside the fp16 ones (measured on a
-  2B model, docs/real-size.md). ``pcbedge build`` widens fp16 graphs back to float32 before it quantizes or keeps
-  a group float on onnxruntime (:mod:`pcbedge.recipes.widen`).
+  2B model, docs/real-size.md). ``pcbedge build`` widens fp16 graphs back to float32 before it
+  quantizes them or keeps a group float (:mod:`pcbedge.recipes.widen`).
 - ``bf16``: the checkpoint's own type for most published VLMs; loaded and written in bf16 (half
   of fp32's memory and files). onnxruntime's CPU provider has no bf16 kernels (not even Mul), so
   such graphs cannot be parity-checked or built here: the export needs ``--no-check`` and says
@@ -19,9 +19,9 @@ Torch is imported inside the functions (this module is imported by torch-free co
 """
 from __future__ import annotations
 
+from pcbedge.bundle.schema import EXPORT_PRECISIONS as PRECISIONS   # what a manifest may say
 from pcbedge.errors import ExportError
 
-PRECISIONS = ("fp32", "fp16", "bf16")
 DEFAULT_PRECISION = "fp32"
 # parity tolerances when the caller gives none: fp16 keeps 11 significant bits, and a deep
 # graph's outputs carry a few of its roundings (measured on the tiny test models: max rel 2e-3)

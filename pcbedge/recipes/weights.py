@@ -29,10 +29,10 @@ def quantize_dynamic_int8(src: Path, dst: Path, config, calibration=None) -> dic
     external = has_external_data(src)
     try:
         import onnx
-        if "MatMul" in config.op_types and _count(src, ("Gemm",)):
+        if "MatMul" in config.op_types:
             # onnxruntime's dynamic quantizer takes MatMul but not Gemm: a tied LM head
             # (Gemm, transB) would stay FP32 and be read whole on every generated token
-            src = matmul_copy(src, scratch) or src
+            src = matmul_copy(src, scratch) or src   # None: no Gemm to rewrite
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
                          op_types_to_quantize=list(config.op_types),
                          per_channel=config.per_channel,
