@@ -14,8 +14,9 @@ factors fitted are shared by every run.
 ``fit``: with the profile's measured peaks and bandwidth fixed, a grid search over
 ``efficiency_compute`` (0.05-1.0) and ``node_overhead_us`` (0-20 us) minimising the squared
 log error of the predicted vision, prefill and decode stages against each run's measured P50
-(bench ``latency_ms_by_stage``); ``host_ns_per_pixel`` is the measured preprocess P50 over the
-plan's pixels. ``check``: the plan of each bundle beside its measured stage medians, with the
+(bench ``latency_ms_by_stage``); ``host_ns_per_value`` is the geometric mean over the runs of
+the measured preprocess P50 per float value of the vision inputs (one rate for every family).
+``check``: the plan of each bundle beside its measured stage medians, with the
 error in percent. The runs must be benched on an idle machine (report ``machine_state``).
 """
 from __future__ import annotations
@@ -74,11 +75,13 @@ def fit(profile, runs) -> dict:
                 err += sum(math.log(pred[s] / got[s]) ** 2 for s in STAGES if got.get(s))
             if best is None or err < best[0]:
                 best = (err, ec, tn)
-    ns = [got["preprocess"] * 1e6 / plan["typical_answer"]["host_pixels"]
-          for plan, got, _ in plans[:1] if got.get("preprocess")
-          and plan["typical_answer"].get("host_pixels")]   # the first run's family's host code
+    # one host rate for every family: the geometric mean over the runs of the measured
+    # preprocess P50 per float value the host writes into the vision inputs
+    ns = [math.log(got["preprocess"] * 1e6 / plan["typical_answer"]["host_values"])
+          for plan, got, _ in plans if got.get("preprocess")
+          and plan["typical_answer"].get("host_values")]
     return {"efficiency_compute": best[1], "node_overhead_us": best[2],
-            "host_ns_per_pixel": round(sum(ns) / len(ns), 1) if ns else None,
+            "host_ns_per_value": round(math.exp(sum(ns) / len(ns)), 2) if ns else None,
             "rms_log_error": math.sqrt(best[0] / max(1, 3 * len(runs)))}
 
 

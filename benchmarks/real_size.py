@@ -2,7 +2,7 @@
 benchmarks/real_size/), random weights generated in-process, saved as save_pretrained's shards.
 
     python benchmarks/real_size.py make --config benchmarks/real_size/qwen2-vl-2b-instruct.config.json \\
-        --out big/qwen2-vl-2b [--shard-size 2GB] [--layers N --vision-depth N]
+        --out big/qwen2-vl-2b [--shard-size 2GB] [--layers N --vision-depth N] [--dtype bfloat16]
     python benchmarks/real_size.py time BUNDLE --new-tokens 16 [--keep-ratio 0.5] [--json F]
 
 The answers of such a model are meaningless; it measures cost only (export memory and time,
@@ -24,7 +24,7 @@ CLASSES = {"qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
 
 
 def make(config: Path, out: Path, shard_size: str, layers: int | None,
-         vision_depth: int | None, seed: int = 0) -> Path:
+         vision_depth: int | None, seed: int = 0, dtype: str = "float32") -> Path:
     import torch
     import transformers as tf
 
@@ -50,9 +50,11 @@ def make(config: Path, out: Path, shard_size: str, layers: int | None,
     cfg.pop("torch_dtype", None)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    model = getattr(tf, cls_name)(getattr(tf, cfg_name)(**cfg)).eval()
+    # built straight in ``dtype``: a 3B model in bfloat16 (as published) never holds 15 GB of fp32
+    model = getattr(tf, cls_name)._from_config(getattr(tf, cfg_name)(**cfg),
+                                               torch_dtype=getattr(torch, dtype)).eval()
     n = sum(p.numel() for p in model.parameters())
-    print(f"built {cls_name} with {n / 1e9:.3f} B parameters in "
+    print(f"built {cls_name} with {n / 1e9:.3f} B {dtype} parameters in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
@@ -63,7 +65,7 @@ def make(config: Path, out: Path, shard_size: str, layers: int | None,
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
     (out / "chat_template.jinja").write_text(QWEN2_VL_TEMPLATE)
     (out / "RANDOM_WEIGHTS.txt").write_text(
-        f"Random weights (seed {seed}) in the architecture of {config.name}: answers are "
+        f"Random {dtype} weights (seed {seed}) in the architecture of {config.name}: answers are "
         "meaningless; for cost measurements only.\n")
     print(f"saved to {out} in {time.perf_counter() - t0:.0f} s", flush=True)
     return out
@@ -141,6 +143,8 @@ def main(argv=None) -> int:
     m.add_argument("--shard-size", default="2GB")
     m.add_argument("--layers", type=int)
     m.add_argument("--vision-depth", type=int)
+    m.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="weights' type on disk (published checkpoints are bfloat16)")
     t = sub.add_parser("time", help="time one bundle's answer per stage (own process)")
     t.add_argument("bundle", type=Path)
     t.add_argument("--new-tokens", type=int, default=16)
@@ -151,7 +155,8 @@ def main(argv=None) -> int:
     t.add_argument("--json", type=Path, help="also write the result here")
     args = ap.parse_args(argv)
     if args.cmd == "make":
-        make(args.config, args.out, args.shard_size, args.layers, args.vision_depth)
+        make(args.config, args.out, args.shard_size, args.layers, args.vision_depth,
+             dtype=args.dtype)
         return 0
     out = time_answers(args.bundle, args.new_tokens, args.keep_ratio, args.repeats,
                        args.threads, args.method)

@@ -63,6 +63,7 @@ def test_conv_and_matmul_macs_by_hand_with_a_reshape_computed_from_shape(tmp_pat
         assert c.macs == {"fp32": conv + mm} and c.unknown_shapes == 0
         assert c.weight_bytes == 4 * (4 * 3 * 3 * 3 + 4 * 8)   # the folded shape ints: none
         assert c.io_bytes == 4 * (3 * h * w + h * w * 8)
+        assert c.input_float_values == 3 * h * w          # what the host prepares
         assert c.nodes == 4                      # Shape / Slice / Concat folded away
 
 
@@ -217,6 +218,11 @@ def test_plan_of_a_tiny_pcbvlm_bundle(tiny_bundles):
                                                 "width": m["input_size"]})
     assert p["stages"]["vision"]["macs"] == vision.macs
     assert "int8" in p["stages"]["vision"]["macs"]                      # the QDQ convs
+    # preprocessing: the host writes the vision input [1, 3, S, S] (board, template, diff)
+    values = 3 * m["input_size"] ** 2
+    assert p["typical_answer"]["host_values"] == values
+    ns = load_target("x86-cpu").hardware.host_ns_per_value
+    assert p["stages"]["preprocess"]["predicted_ms"] == pytest.approx(values * ns * 1e-6)
     assert p["predicted_p50_ms"] == pytest.approx(sum(s["predicted_ms"]
                                                       for s in p["stages"].values()))
     assert p["meets_budget"] == (p["predicted_p50_ms"] <= 300.0)
@@ -241,6 +247,15 @@ def test_plan_of_a_tiny_qwen_bundle(tmp_path, variant):
                           progress=False)
     p = plan_bundle(export, "x86-cpu", typical={"new_tokens": 8})
     assert p["typical_answer"]["decode_tokens"] == 8
+    # preprocessing: per image, n_patches rows of pixel values (3 x temporal 2 x patch^2) and
+    # of rotary angles (head_dim / 2), both written by the host
+    m = json.loads((export / "manifest.json").read_text())
+    v, n_tok = m["vision"], m["visual_tokens"]
+    n_patches = n_tok * v["spatial_merge_size"] ** 2
+    per_image = n_patches * (3 * 2 * v["patch_size"] ** 2 + v["head_dim"] // 2)
+    assert p["typical_answer"]["host_values"] == 2 * per_image
+    assert p["stages"]["preprocess"]["predicted_ms"] == pytest.approx(
+        2 * per_image * load_target("x86-cpu").hardware.host_ns_per_value * 1e-6)
     assert p["stages"]["decode"]["calls"][-1]["count"] == 8
     assert all(c["unknown_shapes"] == 0 for s in p["stages"].values() for c in s["calls"])
     longer = plan_bundle(export, "x86-cpu", typical={"new_tokens": 32})

@@ -131,10 +131,14 @@ def plan_bundle(bundle, target=None, *, typical: dict | None = None) -> dict:
         for k in ("floor_ms", "predicted_ms"):
             st[k] += t[k] * c.count
         st["bytes"] += t["bytes"] * c.count
-    pixels = float(info.get("host_pixels", 0))
+    # the host prepares the vision stage's float inputs (decode, resize, normalise, patches):
+    # its cost scales with the values it writes, whatever the family's image layout
+    values = sum(c["input_float_values"] * c["count"] for c in stages["vision"]["calls"])
+    info["host_values"] = values
     pre = stages["preprocess"]
-    pre["predicted_ms"] = pixels * hw.host_ns_per_pixel * 1e-6
-    pre["note"] = f"host CPU, {pixels:.0f} pixels x {hw.host_ns_per_pixel} ns"
+    pre["predicted_ms"] = values * hw.host_ns_per_value * 1e-6
+    pre["note"] = (f"host CPU, {values:.0f} float values of the vision inputs x "
+                   f"{hw.host_ns_per_value} ns")
     for st in stages.values():
         st["macs_total"] = sum(st["macs"].values())
     p50 = sum(st["predicted_ms"] for st in stages.values())

@@ -23,6 +23,7 @@ import numpy as np
 
 GEMV = ":gemv"         # MACs of a matrix-vector product (M <= GEMV_ROWS) are keyed "<p>:gemv"
 GEMV_ROWS = 8
+FLOAT_TYPES = (1, 10, 16)   # onnx TensorProto FLOAT, FLOAT16, BFLOAT16
 SMALL = 4096            # a constant this small (elements) is folded; weights never are
 MAX_ROUNDS = 24
 CONV_OPS = ("Conv", "ConvInteger", "QLinearConv")
@@ -43,6 +44,7 @@ class GraphCost:
     macs: dict = field(default_factory=dict)     # precision -> MACs
     weight_bytes: int = 0                        # weight bytes one run reads (rows, for a lookup)
     io_bytes: int = 0                            # graph inputs + outputs
+    input_float_values: int = 0                  # float elements of the graph inputs
     activation_bytes: int = 0                    # intermediate tensors (written, then read)
     peak_node_bytes: int = 0                     # largest inputs + outputs of one node
     nodes: int = 0                               # nodes that run (shape arithmetic folded)
@@ -74,6 +76,7 @@ class GraphCost:
     def as_dict(self) -> dict:
         return {"macs": dict(self.macs), "total_macs": self.total_macs,
                 "weight_bytes": self.weight_bytes, "io_bytes": self.io_bytes,
+                "input_float_values": self.input_float_values,
                 "activation_bytes": self.activation_bytes,
                 "peak_node_bytes": self.peak_node_bytes, "nodes": self.nodes,
                 "uncounted_ops": sorted(set(self.uncounted)),
@@ -303,6 +306,10 @@ def graph_cost(path: str | Path, dims: dict, float_precision: str = "fp32",
     cost.weight_bytes = _weights_read(model, weights, shapes, fsize)
     graph_io = {v.name for v in (*model.graph.input, *model.graph.output)}
     cost.io_bytes = sum(_bytes_of(n, shapes) for n in graph_io)
+    cost.input_float_values = sum(
+        int(np.prod(shapes[v.name][0])) for v in model.graph.input
+        if v.name in shapes and _known(shapes[v.name][0])
+        and shapes[v.name][1] in FLOAT_TYPES)
 
     def size(name: str) -> int:          # an intermediate tensor as the engine holds it
         return _bytes_of(name, shapes, fsize)

@@ -29,7 +29,8 @@ class HardwareConfig:
     node_overhead_us: float = 0.0       # per node run (dispatch, launch), microseconds
     cache_mb: float = 0.0               # last-level cache: what fits there moves no DRAM bytes
     cache_bandwidth_gbs: float = 0.0    # passes over in-cache tensors (CPU); 0: fused, free
-    host_ns_per_pixel: float = 0.0      # host-side preprocessing, ns per input pixel
+    host_ns_per_value: float = 0.0      # host-side preprocessing, ns per float value it writes
+    #                                     into the vision graph's inputs
     memory_reserved_gb: float = 0.0     # taken by the OS and other processes
     runtime_overhead_mb: float = 0.0    # the runtime itself (interpreter, libraries, context)
     fallback: dict = field(default_factory=dict)   # precision -> the precision whose rate it
@@ -101,7 +102,7 @@ def hardware_spec(text, number, flag, choice, required) -> dict:
         "node_overhead_us": (number(0, 1e4), 0.0),
         "cache_mb": (number(0, 1e5), 0.0),
         "cache_bandwidth_gbs": (number(0, 1e6), 0.0),
-        "host_ns_per_pixel": (number(0, 1e6), 0.0),
+        "host_ns_per_value": (number(0, 1e6), 0.0),
         "memory_reserved_gb": (number(0), 0.0),
         "runtime_overhead_mb": (number(0), 0.0),
         "fallback": (_fallback, {}),

@@ -54,6 +54,5 @@ def plan_calls(manifest: dict, typical: dict) -> tuple[list[Call], dict]:
             "question_tokens": q, "program_steps": prog_steps, "defects": t["defects"],
             "decode_tokens": prog_steps + board_steps,
             "kv_positions": kept + regions + board_seq + board_steps,
-            "host_pixels": 2 * size * size,
             "source": "measured on 801 validation answers (docs/plan.md)"}
     return calls, info

@@ -51,6 +51,5 @@ def plan_calls(manifest: dict, typical: dict) -> tuple[list[Call], dict]:
     info = {"images": images, "visual_tokens_per_image": n_tok,
             "visual_tokens_kept": kept - text, "text_tokens": text, "prompt_tokens": kept,
             "decode_tokens": new, "kv_positions": kept + new,
-            "host_pixels": images * (side * patch) ** 2,
             "source": "typical sizes of docs/plan.md (overridable)"}
     return calls, info

@@ -144,7 +144,7 @@ class ToyFamily(Family):
         size = int(manifest["input_size"])
         return ([Call("vision", "vision", {"batch": 1, "height": size, "width": size}),
                  Call("prefill", "decoder", {"batch": 1, "seq": int(typical.get("words", 5))})],
-                {"decode_tokens": 0, "host_pixels": 2 * size * size})
+                {"decode_tokens": 0})
 
     def load_model(self, model_dir):
         from safetensors.torch import load_file
