@@ -158,6 +158,8 @@ REGRESSION_OPTIONS = ("max_p50_regression_pct", "max_p95_regression_pct",
 @click.option("--data", type=click.Path(path_type=Path), help="DeepPCB-layout board folder.")
 @click.option("--list", "list_file", type=click.Path(path_type=Path), help="List file of boards.")
 @click.option("--reference", type=click.Path(path_type=Path), help="Bundle to compare against.")
+@click.option("--no-reference", is_flag=True,
+              help="Run no FP32 reference (too large for this box): drift gates skipped.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Report folder.")
 @click.option("--queries", type=click.IntRange(min=1), help="Timed queries.")
 @click.option("--min-seconds", type=click.FloatRange(min=0), help="Minimum timed duration.")
@@ -193,14 +195,19 @@ REGRESSION_OPTIONS = ("max_p50_regression_pct", "max_p95_regression_pct",
                    "run into the same --out (long runs on slow devices).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1),
               help="Cap on each answer's generated tokens (default 64).")
-def bench(bundle, data, list_file, reference, out_dir, queries, min_seconds, sweep, robustness,
-          max_boards, warmup, threads, quiet, baseline, busy_machine, verify_key, resume,
-          max_new_tokens, **gate_values) -> None:
+def bench(bundle, data, list_file, reference, no_reference, out_dir, queries, min_seconds, sweep,
+          robustness, max_boards, warmup, threads, quiet, baseline, busy_machine, verify_key,
+          resume, max_new_tokens, **gate_values) -> None:
     """Measure a bundle's latency and accuracy drift against gates.
 
     Writes report.json, report.html, junit.xml and summary.md. Exits with code 3 when a gate is
     missed, 4 when the machine is busy and the profile (or --busy-machine) says refuse."""
     from pcbedge import api
+    if no_reference and reference is not None:
+        raise click.UsageError(f"--reference {reference} and --no-reference contradict each "
+                               "other: pass one")
+    if no_reference:
+        reference = False
     gates = {k: v for k, v in gate_values.items() if k in GATE_OPTIONS and v is not None}
     regression = {k: v for k, v in gate_values.items() if k in REGRESSION_OPTIONS
                   and v is not None}

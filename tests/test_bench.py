@@ -136,6 +136,23 @@ def test_bench_against_itself_has_no_drift(tiny_bundle, tmp_path):
                                                "value": 0.0, "passed": True}
 
 
+def test_no_reference_skips_the_reference_the_manifest_names(tiny_bundle, tmp_path):
+    """reference=False (--no-reference): a model too large to hold its float reference on the
+    bench box is timed and scored alone; the drift gates are skipped, not failed."""
+    built = _built_copy(tiny_bundle, tmp_path / "built", reference=tiny_bundle,
+                        gates={"p95_ms_max": 1e9, "min_map": 0.0, "max_map_drop": 0.0})
+    report = run_benchmark(built, reference=False, out_dir=tmp_path / "out", **FAST)
+    assert report["drift"]["available"] is False
+    assert "--no-reference" in report["drift"]["reason"]
+    assert report["gates"]["max_map_drop"]["status"] == "skipped"
+    assert report["gates"]["p95_ms_max"]["status"] == "passed" and report["passed"] is True
+    r = subprocess.run([sys.executable, "-m", "pcbedge", "bench", str(built), "--no-reference",
+                        "--reference", str(tiny_bundle), "--out", str(tmp_path / "o2")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "contradict" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o2").exists()
+
+
 def test_bench_a_built_bundle_with_its_profile_gates(tiny_bundle, tmp_path):
     """A real x86-cpu build: limits from its profile, the FP32 export found via its manifest."""
     from pcbedge.recipes.build import build_bundle

@@ -59,7 +59,11 @@ def source_of(folder: Path, manifest: dict | None = None) -> SourceModel:
 
 
 def resolve_reference(bundle: Path, manifest: dict, reference) -> tuple[Path | None, str]:
-    """(FP32 reference folder or None, how it was chosen / why there is none)."""
+    """(FP32 reference folder or None, how it was chosen / why there is none). ``reference``
+    is a folder, None (the one the bundle's manifest names) or False (none: drift not run)."""
+    if reference is False:
+        return None, ("no reference asked for (--no-reference): drift not measured, the drift "
+                      "gates skipped")
     if reference is not None:
         p = Path(reference)
         if not p.exists():

@@ -94,6 +94,10 @@ def _(env):
                 absent=(env.tmp / "bench-out",))
 
 
+case("bench-reference-and-no-reference", "UsageError", lambda env: Call(
+    ["bench", str(env.built), "--reference", str(env.export), "--no-reference", "--out",
+     str(env.tmp / "bench-out"), "--quiet"],
+    ("--no-reference contradict",), absent=(env.tmp / "bench-out",)))
 case("bench-reference-not-fp32", "BundleError", lambda env: Call(
     ["bench", str(env.export), "--reference", str(env.built), "--out",
      str(env.tmp / "bench-out"), "--quiet"],
