@@ -7,6 +7,10 @@ against measurements.
     python benchmarks/plan_calibrate.py fit --target x86-cpu --run bundles/x86-cpu:bench/report.json \
         --run big/q2b-x86i8:bench8/report.json@benchmarks/real_size/x86-cpu-int8.toml@16
 
+A run's REPORT may also be a ``benchmarks/real_size.py time`` result (own-process medians of one
+answer; its new tokens and keep ratio become the plan's). ``fit --precision int4`` fits that
+precision's own ``efficiency_compute_by_precision`` alone, the other factors the profile's.
+
 A run may name its own profile (``@PROFILE``: a profile that ``extends`` the target, with the
 rates of what that bundle builds, e.g. u8 x s8) and its answers' new tokens (``@N``); the
 factors fitted are shared by every run.
@@ -38,8 +42,21 @@ def _runs(specs: list[str]) -> list[tuple]:
         bundle, _, report = run.rpartition(":")
         profile = load_target(rest[0]) if rest and rest[0] else None
         typical = {"new_tokens": int(rest[1])} if len(rest) > 1 else None
-        out.append((Path(bundle), json.loads(Path(report).read_text()), profile, typical))
+        measured = json.loads(Path(report).read_text())
+        if "median_ms" in measured:      # a benchmarks/real_size.py time result
+            measured, typical = _timed_as_report(measured)
+        out.append((Path(bundle), measured, profile, typical))
     return out
+
+
+def _timed_as_report(t: dict) -> tuple[dict, dict]:
+    """A ``real_size.py time`` result (own-process medians of one answer) as the bench report's
+    stage block, with its answer's sizes as the plan's typical answer."""
+    med = t["median_ms"]
+    report = {"latency_ms_by_stage": {s: {"p50": med[s]} for s in STAGES},
+              "latency_ms": {"p50": med["wall"]}}
+    keep = (t.get("pruning") or {}).get("keep_ratio", 1.0)
+    return report, {"new_tokens": int(t["new_tokens"]), "keep_ratio": float(keep)}
 
 
 def _plan(bundle: Path, profile, typical: dict | None = None) -> dict:
@@ -54,11 +71,18 @@ def _measured(report: dict) -> dict:
 
 def _stage_ms(plan: dict, hw, ec: float, tn: float) -> dict:
     """The plan's stages re-predicted with efficiency ``ec`` and ``tn`` us per node (the graph
-    costs are the plan's; only the factors change)."""
+    costs are the plan's; only the factors change; a precision with its own efficiency in the
+    profile keeps it)."""
     from pcbedge.plan import latency_s
+    own = hw.efficiency_compute_by_precision
+
+    def eff(key: str) -> float:
+        base, _, gemv = key.partition(":")
+        return own[base] if base in own and not gemv else ec
+
     return {s: 1e3 * sum(c["count"] * latency_s(
-        c["compute_floor_ms"] * 1e-3, c["memory_floor_ms"] * 1e-3, c["nodes"],
-        c["on_chip_ms"] * 1e-3, efficiency_compute=ec,
+        {k: t * 1e-3 for k, t in c["compute_floor_by_ms"].items()}, c["memory_floor_ms"] * 1e-3,
+        c["nodes"], c["on_chip_ms"] * 1e-3, efficiency_compute=eff,
         efficiency_memory=hw.efficiency_memory, node_overhead_us=tn)
         for c in plan["stages"][s]["calls"]) for s in STAGES}
 
@@ -82,6 +106,26 @@ def fit(profile, runs) -> dict:
           and plan["typical_answer"].get("host_values")]
     return {"efficiency_compute": best[1], "node_overhead_us": best[2],
             "host_ns_per_value": round(math.exp(sum(ns) / len(ns)), 2) if ns else None,
+            "rms_log_error": math.sqrt(best[0] / max(1, 3 * len(runs)))}
+
+
+def fit_precision(profile, runs, precision: str) -> dict:
+    """``efficiency_compute_by_precision[precision]`` alone (0.05-1.0), every other factor the
+    profile's: for kernels that run nearer their measured rate than the rest."""
+    from dataclasses import replace
+    plans = [(_plan(b, own or profile, typical), _measured(r), (own or profile).hardware)
+             for b, r, own, typical in runs]
+    best = None
+    for e in [x / 100 for x in range(5, 101)]:
+        err = 0.0
+        for plan, got, hw in plans:
+            hw = replace(hw, efficiency_compute_by_precision={
+                **hw.efficiency_compute_by_precision, precision: e})
+            pred = _stage_ms(plan, hw, hw.efficiency_compute, hw.node_overhead_us)
+            err += sum(math.log(pred[s] / got[s]) ** 2 for s in STAGES if got.get(s))
+        if best is None or err < best[0]:
+            best = (err, e)
+    return {"efficiency_compute_by_precision": {precision: best[1]},
             "rms_log_error": math.sqrt(best[0] / max(1, 3 * len(runs)))}
 
 
@@ -110,9 +154,12 @@ def main(argv=None) -> int:
     ap.add_argument("cmd", choices=("fit", "check"))
     ap.add_argument("--target", required=True)
     ap.add_argument("--run", action="append", required=True, help="BUNDLE:REPORT.json")
+    ap.add_argument("--precision", help="fit only this precision's own compute efficiency")
     args = ap.parse_args(argv)
     profile, runs = load_target(args.target), _runs(args.run)
-    if args.cmd == "fit":
+    if args.cmd == "fit" and args.precision:
+        print(json.dumps(fit_precision(profile, runs, args.precision), indent=2))
+    elif args.cmd == "fit":
         print(json.dumps(fit(profile, runs), indent=2))
     else:
         for row in check(profile, runs):

@@ -195,6 +195,27 @@ def test_roofline_arithmetic_and_cache(tmp_path):
     assert small.dram_bytes(0) == (1 << 20) + 100 + small.activation_bytes
 
 
+def test_a_precision_with_its_own_compute_efficiency():
+    """efficiency_compute_by_precision: the int4 GEMMs at their own factor, the int4
+    matrix-vector products and every other precision at efficiency_compute."""
+    from dataclasses import replace
+    from pcbedge.plan import _call_ms
+    from pcbedge.plan.graph_cost import GraphCost
+    base = load_target("x86-cpu").hardware
+    hw = replace(base, gemv_tops={"int4": 0.1}, efficiency_compute=0.5,
+                 efficiency_compute_by_precision={"int4": 0.8})
+    assert (hw.efficiency("int4"), hw.efficiency("int4:gemv"), hw.efficiency("fp32")) == \
+        (0.8, 0.5, 0.5)
+    cost = GraphCost(macs={"int4": 10 ** 11, "fp32": 10 ** 9, "int4:gemv": 10 ** 8})
+    t = _call_ms(cost, hw)
+    by = t["compute_floor_by_ms"]
+    assert sum(by.values()) == pytest.approx(t["compute_floor_ms"])
+    assert t["predicted_ms"] == pytest.approx(by["int4"] / 0.8 + by["fp32"] / 0.5
+                                              + by["int4:gemv"] / 0.5)
+    assert _call_ms(cost, replace(hw, efficiency_compute_by_precision={}))["predicted_ms"] == \
+        pytest.approx(t["compute_floor_ms"] / 0.5)
+
+
 @pytest.fixture(scope="module")
 def tiny_bundles(tmp_path_factory):
     pytest.importorskip("torch")
@@ -290,7 +311,8 @@ HW = {"device": "d", "peak_tops": {"fp32": 1.0}, "memory_bandwidth_gbs": 10.0,
 @pytest.mark.parametrize("field,value", [
     ("peak_tops", {"fp64": 1.0}), ("peak_tops", {"fp32": -1}), ("peak_tops", {}),
     ("memory_bandwidth_gbs", 0), ("efficiency_compute", 1.5), ("memory_reserved_gb", 9.0),
-    ("gemv_tops", {"int3": 1.0}), ("source", ""), ("bogus", 1), ("float_precision", "int8"),
+    ("gemv_tops", {"int3": 1.0}), ("efficiency_compute_by_precision", {"int4": 1.5}),
+    ("efficiency_compute_by_precision", {"int3": 0.5}), ("source", ""), ("bogus", 1), ("float_precision", "int8"),
     ("float_precision", 16), ("fused_engine", "yes")])
 def test_bad_hardware_fields_are_refused(field, value):
     with pytest.raises(TargetError, match=f"hardware.{field}"):

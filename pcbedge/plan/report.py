@@ -22,7 +22,10 @@ def print_plan(plan: dict, echo: Callable[[str], None] = print) -> None:
     echo(f"pcbedge plan  {plan['bundle']} ({plan['family']}) on {plan['target']}: {hw['device']}")
     echo(f"  hardware: {', '.join(f'{k} {v:g} TOPS' for k, v in hw['peak_tops'].items())}, "
          f"{hw['memory_bandwidth_gbs']:g} GB/s, {hw['memory_gb']:g} GB "
-         f"(efficiency compute {hw['efficiency_compute']:g}, memory {hw['efficiency_memory']:g}, "
+         f"(efficiency compute {hw['efficiency_compute']:g}"
+         + "".join(f", {k} {v:g}" for k, v in
+                   (hw.get("efficiency_compute_by_precision") or {}).items())
+         + f", memory {hw['efficiency_memory']:g}, "
          f"{hw['node_overhead_us']:g} us/node)")
     echo(f"  source: {hw['source']}")
     echo(f"  calibration: {hw['calibration']}")

@@ -25,6 +25,10 @@ class HardwareConfig:
     source: str                     # where the figures come from (datasheet, measurement)
     calibration: str                # which runs the efficiency factors were fitted on
     efficiency_compute: float = 0.5     # achieved / peak rate on the model's GEMMs and convs
+    # the same for the GEMMs and convs of one precision whose kernels run nearer their measured
+    # rate (a CPU's 4-bit MatMulNBits): precision -> factor; matrix-vector products keep
+    # efficiency_compute (they have their own measured gemv_tops)
+    efficiency_compute_by_precision: dict = field(default_factory=dict)
     efficiency_memory: float = 0.7      # achieved / peak bandwidth when streaming weights
     node_overhead_us: float = 0.0       # per node run (dispatch, launch), microseconds
     cache_mb: float = 0.0               # last-level cache: what fits there moves no DRAM bytes
@@ -44,6 +48,12 @@ class HardwareConfig:
     # an engine that fuses element-wise ops into its GEMM / conv kernels and attention into one
     # kernel (TensorRT): only weight GEMM and conv outputs reach memory (docs/plan.md)
     fused_engine: bool = False
+
+    def efficiency(self, precision: str) -> float:
+        """The compute efficiency of MACs keyed ``precision`` ("int4", "int4:gemv")."""
+        base, _, gemv = precision.partition(":")
+        return (self.efficiency_compute if gemv
+                else self.efficiency_compute_by_precision.get(base, self.efficiency_compute))
 
     def rate(self, precision: str) -> tuple[float, str]:
         """(MACs per second, the rate used) for ``precision`` ("int8", or "int4:gemv" for a
@@ -74,6 +84,15 @@ def _rates(v: Any) -> dict:
     return out
 
 
+def _efficiencies(v: Any) -> dict:
+    if not isinstance(v, dict) or not all(
+            k in RATE_PRECISIONS and not isinstance(x, bool) and isinstance(x, (int, float))
+            and 0 < x <= 1 for k, x in v.items()):
+        raise ValueError(f"a table of precision = factor in (0, 1] "
+                         f"(precisions: {', '.join(RATE_PRECISIONS)})")
+    return {k: float(x) for k, x in v.items()}
+
+
 def _gemv_rates(v: Any) -> dict:
     if not isinstance(v, dict):
         raise ValueError(f"a table of precision = dense TOPS ({', '.join(RATE_PRECISIONS)})")
@@ -98,6 +117,7 @@ def hardware_spec(text, number, flag, choice, required) -> dict:
         "source": (text, required),
         "calibration": (text, required),
         "efficiency_compute": (number(0, 1.0, lo_open=True), 0.5),
+        "efficiency_compute_by_precision": (_efficiencies, {}),
         "efficiency_memory": (number(0, 1.0, lo_open=True), 0.7),
         "node_overhead_us": (number(0, 1e4), 0.0),
         "cache_mb": (number(0, 1e5), 0.0),
