@@ -2,7 +2,7 @@
 
     python benchmarks/design_split.py MODEL_DIR [--data ../shared/data/deeppcb]
         [--support 0,1,4] [--prior-weight 12] [--prior-center 0.4] [--overlap 0.5]
-        [--folds] [--json OUT]
+        [--island 0,4,8] [--folds] [--json OUT]
 
 The design split (`pcbedge.data.deeppcb.split_designs`): the seen-design validation boards (the
 last 20 % of each trained group) and the unseen-design boards (every board of the held-out
@@ -11,7 +11,8 @@ every combination of the decode-time settings given, so a grid costs little more
 
 - ``--support`` / ``--core``: the template-consistency check's threshold and erosion size
   (``vision.min_support`` / ``support_core``), applied to the ungated proposal scores exactly as
-  the vision graph does (settings print as (core, support, prior weight, centre, overlap));
+  the vision graph does, and ``--island``: the template-island rule's ring (``vision.island_ring``,
+  0 = off; settings print as (core, support, prior weight, centre, overlap, ring));
 - ``--prior-weight`` / ``--prior-center`` / ``--overlap``: the grammar's evidence vote and overlap
   limit (config.json's ``region_prior_*`` / ``region_overlap_max``).
 
@@ -38,7 +39,7 @@ from pcbedge.benchmarks import metrics as M
 from pcbedge.data.deeppcb import read_list, split_designs
 from pcbedge.data.preprocess import load_pair
 from pcbedge.families.pcbvlm.model.model import PcbVlm
-from pcbedge.families.pcbvlm.model.vision import difference_support
+from pcbedge.families.pcbvlm.model.vision import difference_support, template_island
 
 
 def floats(s: str) -> list[float]:
@@ -55,10 +56,12 @@ def figures(gts: list, preds: list) -> dict:
             "median_center_px": M.median_center_error(gts, preds)}
 
 
-def encode_all(model: PcbVlm, boards, margin: int, cores: list[int]) -> list[dict]:
+def encode_all(model: PcbVlm, boards, margin: int, cores: list[int],
+               rings: list[int] = (0,)) -> list[dict]:
     out = []
-    gate = model.cfg.vision.min_support
-    model.vision.cfg = replace(model.vision.cfg, vision=replace(model.cfg.vision, min_support=0.0))
+    gate, ring0 = model.cfg.vision.min_support, model.cfg.vision.island_ring
+    model.vision.cfg = replace(model.vision.cfg, vision=replace(model.cfg.vision, min_support=0.0,
+                                                                island_ring=0))
     for b in tqdm(boards, desc="encoding", unit="board"):
         x, meta = load_pair(b.test_path, b.template_path, model.cfg.input_size)
         xt = torch.from_numpy(x).unsqueeze(0)
@@ -66,15 +69,21 @@ def encode_all(model: PcbVlm, boards, margin: int, cores: list[int]) -> list[dic
             enc = model.encode_image(xt)
             support = {k: difference_support(xt[:, 2:3], enc["region_boxes"], margin, k)
                        for k in cores}
-        out.append({"board": b, "enc": enc, "meta": meta, "support": support,
+            island = {r: template_island(xt, enc["region_boxes"], margin, r) for r in rings
+                      if r > 0}
+        out.append({"board": b, "enc": enc, "meta": meta, "support": support, "island": island,
                     "gt": [{"type": d.type, "bbox": list(d.bbox)} for d in b.defects]})
-    model.vision.cfg = replace(model.vision.cfg, vision=replace(model.cfg.vision, min_support=gate))
+    model.vision.cfg = replace(model.vision.cfg, vision=replace(model.cfg.vision, min_support=gate,
+                                                                island_ring=ring0))
     return out
 
 
-def describe(model: PcbVlm, item: dict, core: int, min_support: float) -> list[dict]:
+def describe(model: PcbVlm, item: dict, core: int, min_support: float,
+             ring: int = 0) -> list[dict]:
     enc = dict(item["enc"])
     enc["region_scores"] = enc["region_scores"] * (item["support"][core] >= min_support).float()
+    if ring > 0:
+        enc["region_scores"] = enc["region_scores"] * (~item["island"][ring]).float()
     question = model.spec["canonical_question"]
     if "program" not in item:   # the program pass reads the question only: once per board
         item["program"] = model.program_pass(enc, question)
@@ -86,10 +95,10 @@ def grid_run(model: PcbVlm, items: list[dict], grid: list[tuple]) -> dict:
     base = model.cfg
     preds: dict[tuple, list] = {}
     for setting in tqdm(grid, desc="settings", unit="setting"):
-        k, s, w, c, o = setting
+        k, s, w, c, o, r = setting
         model.cfg = replace(base, region_prior_weight=w, region_prior_center=c,
                             region_overlap_max=o)
-        preds[setting] = [describe(model, it, k, s) for it in items]
+        preds[setting] = [describe(model, it, k, s, r) for it in items]
     model.cfg = base
     return preds
 
@@ -123,6 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prior-weight", type=floats, default=None)
     ap.add_argument("--prior-center", type=floats, default=None)
     ap.add_argument("--overlap", type=floats, default=None)
+    ap.add_argument("--island", type=lambda v: [int(x) for x in v.split(",")], default=[0],
+                    help="template-island rule ring widths (vision.island_ring), 0 = off")
     ap.add_argument("--folds", action="store_true")
     ap.add_argument("--limit", type=int, default=0, help="every n-th board only (quick look)")
     ap.add_argument("--json", type=Path)
@@ -134,13 +145,13 @@ def main(argv=None) -> int:
     cores = a.core or [cfg.vision.support_core]
     grid = list(itertools.product(cores, a.support, a.prior_weight or [cfg.region_prior_weight],
                                   a.prior_center or [cfg.region_prior_center],
-                                  a.overlap or [cfg.region_overlap_max]))
+                                  a.overlap or [cfg.region_overlap_max], a.island))
     _, seen, unseen = split_designs(read_list(a.data))
     if a.limit:
         seen, unseen = seen[::a.limit], unseen[::a.limit]
     result = {"model": str(a.model), "support_margin": margin, "settings": {}}
     for name, boards in (("unseen", unseen), ("seen", seen)):
-        items = encode_all(model, boards, margin, cores)
+        items = encode_all(model, boards, margin, cores, a.island)
         for setting, p in grid_run(model, items, grid).items():
             result["settings"].setdefault(str(setting), {})[name] = report(items, p)
     rows = {s: r["unseen"] for s, r in result["settings"].items()}

@@ -125,3 +125,63 @@ def test_check_exports_and_matches_torch(tmp_path):
             want, got = model.answer(xs, q), runner.answer(enc, q)
             assert got["token_ids"] == want["token_ids"] and got["defects"] == want["defects"]
     assert gated > 0
+
+
+def _board(h: int = 64) -> np.ndarray:
+    """A white (bare) 64 x 64 pair, copper dark: a trace along row 10-13 on both images."""
+    x = np.ones((3, h, h), np.float32)
+    x[0:2, 10:14, :] = 0.0
+    return x
+
+
+def test_template_island_by_hand():
+    """Template copper missing from the board and isolated on the template: an island (the
+    template's flaw). An open (a trace cut), spurious copper (the board adds copper) or an
+    island with template copper within the ring: not."""
+    from pcbedge.families.pcbvlm.model.vision import template_island
+    x = _board()
+    x[1, 40:44, 40:44] = 0.0                       # a speck on the template only
+    x[0, 10:14, 20:24] = 1.0                       # an open: the board's trace is cut
+    x[0, 50:53, 10:13] = 0.0                       # spurious copper: on the board only
+    x[1, 30:33, 8:11] = 0.0                        # a template speck 3 px from
+    x[1, 30:33, 14:16] = 0.0                       # ... more template copper
+    x[2] = np.abs(x[0] - x[1])
+    boxes = torch.tensor([[[40, 40, 44, 44], [20, 10, 24, 14], [10, 50, 13, 53],
+                           [8, 30, 11, 33]]], dtype=torch.float32)
+    got = template_island(torch.from_numpy(x)[None], boxes, margin=1, ring=4)
+    assert got.tolist() == [[True, False, False, False]]
+    # a ring too narrow to reach the neighbour: the fourth is an island too
+    assert template_island(torch.from_numpy(x)[None], boxes, 0, 1).tolist()[0][3] is True
+
+
+def test_template_island_rule_exports_and_matches_torch(tmp_path):
+    """The rule is in the vision graph: parity passes and ONNX Runtime's region scores are gated
+    like PyTorch's."""
+    from pcbedge.families.pcbvlm.model.model import PcbVlm
+    from pcbedge.families.pcbvlm.model.vision import template_island
+    from pcbedge.families.pcbvlm.runner import PcbVlmOnnxRunner
+    m = tiny_pcbvlm_model()
+    m.cfg = replace(m.cfg, vision=replace(m.cfg.vision, island_ring=3))
+    m.vision.cfg = m.cfg
+    m.save_pretrained(tmp_path / "m")
+    model = PcbVlm.from_pretrained(tmp_path / "m")
+    assert model.cfg.vision.island_ring == 3
+    export_model(tmp_path / "m", tmp_path / "b")
+    runner = PcbVlmOnnxRunner(tmp_path / "b")
+    x = np.ones((3, 128, 128), np.float32)
+    rng = np.random.default_rng(0)
+    for _ in range(40):                            # template specks the board lacks
+        r, c = rng.integers(4, 120, 2)
+        x[1, r:r + 3, c:c + 3] = 0.0
+    x[2] = np.abs(x[0] - x[1])
+    enc = runner.encode(x)
+    with torch.no_grad():
+        ref = model.encode_image(torch.from_numpy(x)[None])
+        free = replace(model.cfg, vision=replace(model.cfg.vision, island_ring=0))
+        model.vision.cfg = free
+        ungated = model.encode_image(torch.from_numpy(x)[None])
+    island = template_island(torch.from_numpy(x)[None], ungated["region_boxes"], 2, 3)
+    assert island.any() and (~island).any()
+    np.testing.assert_allclose(enc.outputs["region_scores"], ref["region_scores"].numpy(),
+                               atol=1e-5)
+    torch.testing.assert_close(ref["region_scores"], ungated["region_scores"] * ~island)

@@ -29,6 +29,12 @@ class VisionConfig:
     min_support: float = 0.0
     support_margin: int = 2
     support_core: int = 2
+    # the template-island rule (vision.template_island): a proposal whose box (grown by
+    # support_margin) holds copper of the template that the test board lacks, no copper the
+    # test adds, and no template copper in the ring of island_ring px around it is an island
+    # of the golden template missing from the board (DeepPCB annotates the test board's defects
+    # only): its score is 0. 0 = off.
+    island_ring: int = 0
 
 
 @dataclass(frozen=True)

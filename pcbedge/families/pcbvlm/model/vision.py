@@ -147,6 +147,37 @@ def difference_support(diff, boxes, margin: int, core: int = 3):
     return at(y2, x2) - at(y1, x2) - at(y2, x1) + at(y1, x1)
 
 
+def _box_sums(maps, boxes, grow: float):
+    """Per box and map: the sum of each 0/1 map [B,C,H,W] inside the box grown by ``grow`` px
+    (integral images, exact in float32) -> [B,K,C]."""
+    ii = F.pad(maps.cumsum(2).cumsum(3), (1, 0, 1, 0))
+    b, c, h1, w1 = ii.shape
+    flat = ii.reshape(b, c, h1 * w1)
+    lo, hi = (boxes - grow).floor(), (boxes + grow).ceil()
+    x1 = lo[..., 0].clamp(0, w1 - 1).to(torch.int64)
+    y1 = lo[..., 1].clamp(0, h1 - 1).to(torch.int64)
+    x2 = hi[..., 2].clamp(0, w1 - 1).to(torch.int64)
+    y2 = hi[..., 3].clamp(0, h1 - 1).to(torch.int64)
+
+    def at(y, x):
+        idx = (y * w1 + x).unsqueeze(1).expand(b, c, -1)
+        return torch.gather(flat, 2, idx).transpose(1, 2)
+    return at(y2, x2) - at(y1, x2) - at(y2, x1) + at(y1, x1)
+
+
+def template_island(x, boxes, margin: int, ring: int):
+    """Per box: True where the box grown by ``margin`` px holds template copper that the test
+    board lacks, no copper the test board adds, and the template has no copper in the ring of
+    ``ring`` px around it: an island of the golden template absent from the board, not a defect
+    of the board. ``x`` [B,3,H,W] (test, template, |diff| in [0, 1]; copper is dark),
+    ``boxes`` [B,K,4] in input pixels -> [B,K] bool."""
+    test, temp = x[:, 0:1] < 0.5, x[:, 1:2] < 0.5
+    maps = torch.cat([(temp & ~test), (test & ~temp), temp], 1).to(torch.float32)
+    inner = _box_sums(maps, boxes, margin)
+    outer = _box_sums(maps[:, 2:3], boxes, margin + ring)[..., 0]
+    return (inner[..., 0] > 0) & (inner[..., 1] == 0) & (outer - inner[..., 2] == 0)
+
+
 class VisionEncoder(nn.Module):
     """Backbone + defect head + proposals; ``forward`` returns the raw (pre-projector) outputs."""
 
@@ -188,6 +219,12 @@ class VisionEncoder(nn.Module):
             support = difference_support(x[:, 2:3], boxes, self.cfg.vision.support_margin,
                                          self.cfg.vision.support_core)
             scores = scores * (support >= self.cfg.vision.min_support).to(scores.dtype)
+        if self.cfg.vision.island_ring > 0:
+            # the template-island rule: template copper missing from the board, isolated on the
+            # template, is the template's flaw; the proposal scores 0 (grammar never reports it)
+            island = template_island(x, boxes, self.cfg.vision.support_margin,
+                                     self.cfg.vision.island_ring)
+            scores = scores * (~island).to(scores.dtype)
         # token scores for pruning: defect prior (max heat per token cell), template difference
         r = self.cfg.vision.token_stride // self.cfg.vision.stride
         prior = F.max_pool2d(torch.sigmoid(heat).amax(1, keepdim=True), r, r).flatten(1)
