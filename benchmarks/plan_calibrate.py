@@ -73,16 +73,13 @@ def _stage_ms(plan: dict, hw, ec: float, tn: float) -> dict:
     """The plan's stages re-predicted with efficiency ``ec`` and ``tn`` us per node (the graph
     costs are the plan's; only the factors change; a precision with its own efficiency in the
     profile keeps it)."""
-    from pcbedge.plan import latency_s
-    own = hw.efficiency_compute_by_precision
+    from dataclasses import replace
 
-    def eff(key: str) -> float:
-        base, _, gemv = key.partition(":")
-        return own[base] if base in own and not gemv else ec
-
+    from pcbedge.plan import compute_s, latency_s
+    hw = replace(hw, efficiency_compute=ec)
     return {s: 1e3 * sum(c["count"] * latency_s(
-        {k: t * 1e-3 for k, t in c["compute_floor_by_ms"].items()}, c["memory_floor_ms"] * 1e-3,
-        c["nodes"], c["on_chip_ms"] * 1e-3, efficiency_compute=eff,
+        compute_s({k: t * 1e-3 for k, t in c["compute_floor_by_ms"].items()}, hw),
+        c["memory_floor_ms"] * 1e-3, c["nodes"], c["on_chip_ms"] * 1e-3,
         efficiency_memory=hw.efficiency_memory, node_overhead_us=tn)
         for c in plan["stages"][s]["calls"]) for s in STAGES}
 

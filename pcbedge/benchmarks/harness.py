@@ -410,8 +410,9 @@ def run_benchmark(bundle, *, data=None, list_file=None, reference=None, out_dir=
     (:mod:`pcbedge.benchmarks.answer_cache`); the timed pass is always run afresh.
     ``reference``: the FP32 reference folder, None for the one the manifest names, False for
     none (a model too large to hold its float reference on the bench box; the drift gates are
-    reported as skipped). ``max_new_tokens`` caps each answer's generated tokens (default 64; a model whose answers
-    run to the cap, such as random real-size weights, is timed at a chosen answer length).
+    reported as skipped). ``max_new_tokens`` caps each answer's generated tokens (default 64;
+    a model whose answers run to the cap, such as random real-size weights, is timed at a
+    chosen answer length).
     """
     out_dir = DEFAULTS["out_dir"] if out_dir is None else out_dir
     pass_args = {"queries": DEFAULTS["queries"] if queries is None else queries,

@@ -52,28 +52,27 @@ def _target_of(manifest: dict, target):
     return profile
 
 
-def latency_s(compute_s: float, memory_s: float, nodes: int, on_chip_s: float, *,
-              efficiency_compute: float, efficiency_memory: float,
-              node_overhead_us: float) -> float:
-    """The latency model of one graph call (docs/plan.md), from its roofline floors.
-    ``compute_s``: the compute floor, or {MAC key: floor} with ``efficiency_compute`` a
-    callable giving each key's factor (a precision with its own efficiency)."""
-    if isinstance(compute_s, dict):
-        compute = sum(t / efficiency_compute(k) for k, t in compute_s.items())
-    else:
-        compute = compute_s / efficiency_compute
+def compute_s(floors: dict, hw) -> float:
+    """The achieved compute time of one graph call: each MAC key's floor {key: s} over its
+    efficiency (hw.efficiency: efficiency_compute, or the precision's own)."""
+    return sum(t / hw.efficiency(k) for k, t in floors.items())
+
+
+def latency_s(compute: float, memory_s: float, nodes: int, on_chip_s: float, *,
+              efficiency_memory: float, node_overhead_us: float) -> float:
+    """The latency model of one graph call (docs/plan.md), from its achieved compute time
+    (:func:`compute_s`) and its memory floor."""
     return (max(compute, memory_s / efficiency_memory)
             + nodes * node_overhead_us * 1e-6 + on_chip_s)
 
 
 def _call_ms(cost, hw) -> dict:
-    compute_s, used, by_key = 0.0, {}, {}
+    used, by_key = {}, {}
     for precision, macs in cost.macs.items():
         rate, peak_of = hw.rate(precision)
-        compute_s += macs / rate
         by_key[precision] = macs / rate
         used[precision] = peak_of
-    compute_eff_s = sum(t / hw.efficiency(k) for k, t in by_key.items())
+    floor_s, achieved_s = sum(by_key.values()), compute_s(by_key, hw)
     moved = cost.dram_bytes(hw.cache_mb * 2 ** 20)
     memory_s = moved / (hw.memory_bandwidth_gbs * 1e9)
     # element-wise work on tensors that live in the cache (softmax, norms, activations): its
@@ -82,15 +81,14 @@ def _call_ms(cost, hw) -> dict:
     on_chip_s = (cost.cached_activation_bytes(hw.cache_mb * 2 ** 20)
                  / (hw.cache_bandwidth_gbs * 1e9)) if hw.cache_bandwidth_gbs else 0.0
     overhead_s = cost.nodes * hw.node_overhead_us * 1e-6 + on_chip_s
-    total = latency_s(by_key, memory_s, cost.nodes, on_chip_s,
-                      efficiency_compute=hw.efficiency,
+    total = latency_s(achieved_s, memory_s, cost.nodes, on_chip_s,
                       efficiency_memory=hw.efficiency_memory,
                       node_overhead_us=hw.node_overhead_us)
-    bound = "compute" if compute_eff_s >= memory_s / hw.efficiency_memory else "memory"
+    bound = "compute" if achieved_s >= memory_s / hw.efficiency_memory else "memory"
     if overhead_s > total - overhead_s:
         bound = "overhead"
-    return {"floor_ms": max(compute_s, memory_s) * 1e3, "predicted_ms": total * 1e3,
-            "compute_floor_ms": compute_s * 1e3, "memory_floor_ms": memory_s * 1e3,
+    return {"floor_ms": max(floor_s, memory_s) * 1e3, "predicted_ms": total * 1e3,
+            "compute_floor_ms": floor_s * 1e3, "memory_floor_ms": memory_s * 1e3,
             "compute_floor_by_ms": {k: t * 1e3 for k, t in by_key.items()},
             "overhead_ms": overhead_s * 1e3, "on_chip_ms": on_chip_s * 1e3,
             "bound": bound, "bytes": moved,

@@ -133,24 +133,13 @@ def difference_support(diff, boxes, margin: int, core: int = 3):
     d = (diff > 0.5).to(torch.float32)
     if core > 1:
         d = -F.max_pool2d(-F.pad(d, (0, core - 1, 0, core - 1)), core, 1)
-    ii = F.pad(d.cumsum(2).cumsum(3), (1, 0, 1, 0))      # ii[y, x] = sum of d[:y, :x]
-    b = boxes.shape[0]
-    h1, w1 = ii.shape[2], ii.shape[3]
-    flat = ii.reshape(b, h1 * w1)
-    lo = (boxes - margin).floor()
-    hi = (boxes + margin).ceil()
-    x1 = lo[..., 0].clamp(0, w1 - 1).to(torch.int64)
-    y1 = lo[..., 1].clamp(0, h1 - 1).to(torch.int64)
-    x2 = hi[..., 2].clamp(0, w1 - 1).to(torch.int64)
-    y2 = hi[..., 3].clamp(0, h1 - 1).to(torch.int64)
-    at = lambda y, x: torch.gather(flat, 1, y * w1 + x)  # noqa: E731
-    return at(y2, x2) - at(y1, x2) - at(y2, x1) + at(y1, x1)
+    return _box_sums(d, boxes, margin)[..., 0]
 
 
 def _box_sums(maps, boxes, grow: float):
     """Per box and map: the sum of each 0/1 map [B,C,H,W] inside the box grown by ``grow`` px
     (integral images, exact in float32) -> [B,K,C]."""
-    ii = F.pad(maps.cumsum(2).cumsum(3), (1, 0, 1, 0))
+    ii = F.pad(maps.cumsum(2).cumsum(3), (1, 0, 1, 0))      # ii[y, x] = sum of maps[:y, :x]
     b, c, h1, w1 = ii.shape
     flat = ii.reshape(b, c, h1 * w1)
     lo, hi = (boxes - grow).floor(), (boxes + grow).ceil()
