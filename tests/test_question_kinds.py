@@ -220,6 +220,22 @@ def test_train_and_heldout_phrasings_are_disjoint():
     assert not {t[1] for t in POINT_TEMPLATES[0]} & {t[1] for t in POINT_TEMPLATES[1]}
 
 
+def test_heldout_region_phrases_recombine_known_words():
+    # the rule the defect synonyms follow (docs/data.md): a held-out region phrase is never a
+    # training phrase and reaches the model as known words, not spelt letter by letter
+    from pcbedge.data.qa import vocabulary_corpus
+    from pcbedge.families.pcbvlm.tokenizer import SUFFIXES, build_tokenizer
+    tok = build_tokenizer(vocabulary_corpus(), 4)
+    suffixes = {f"##{s}" for s in SUFFIXES}
+    train = {p for tr, _ in REGIONS.values() for p in tr}
+    for scope, (_, heldout) in REGIONS.items():
+        for phrase in heldout:
+            assert phrase not in train, (scope, phrase)
+            pieces = tok.encode(phrase, add_special_tokens=False).tokens
+            odd = [p for p in pieces if p.startswith("##") and p not in suffixes]
+            assert "[UNK]" not in pieces and not odd, (scope, phrase, pieces)
+
+
 def test_noise_keeps_numbers_and_changes_letters():
     rng = random.Random(0)
     changed = 0

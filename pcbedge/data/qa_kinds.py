@@ -57,18 +57,22 @@ VERDICT = (("is this board good to ship?", "does it pass inspection?", "pass or 
             "should we accept or reject it?", "is the board good enough?", "can we ship it?",
             "fail or pass?"))
 
-# region phrase per scope: (train, heldout)
+# region phrase per scope: (train, heldout). As for the defect synonyms (docs/data.md), a held-out
+# phrase recombines words that training phrases use elsewhere ("left-hand side": "right-hand
+# side" and "left side" are trained); a word no training phrase uses cannot be read
 REGIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "top": (("top half", "upper half", "top part of the board", "upper part", "top portion",
-             "upper section", "top zone", "upper edge of the board"),
+             "upper section", "top zone", "upper edge of the board", "upper area"),
             ("upper side", "top side")),
     "bottom": (("bottom half", "lower half", "bottom part of the board", "lower part",
-                "bottom portion", "lower section", "bottom zone", "lower edge of the board"),
+                "bottom portion", "lower section", "bottom zone", "lower edge of the board",
+                "lower area"),
                ("lower side", "bottom side")),
     "left": (("left half", "left side", "left part of the board", "left portion",
-              "left section", "left zone"), ("left-hand side",)),
+              "left section", "left zone", "left area"), ("left-hand side",)),
     "right": (("right half", "right side", "right part of the board", "right portion",
-               "right section", "right zone"), ("right-hand side",)),
+               "right section", "right zone", "right-hand side", "right area"),
+              ("right-hand part",)),
     "top_left": (("top-left corner", "upper-left corner", "top left quadrant",
                   "upper left quadrant", "top left", "upper-left section", "top-left zone",
                   "upper left portion"), ("upper left area", "top-left area")),
@@ -87,9 +91,9 @@ REGIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "left_third": (("left third", "leftmost third", "left vertical third", "far left third"),
                    ("left-most third",)),
     "middle_column": (("middle column", "central column", "middle vertical third",
-                       "central vertical band"), ("center column",)),
+                       "central vertical band", "center column"), ("center vertical band",)),
     "right_third": (("right third", "rightmost third", "right vertical third",
-                     "far right third"), ("right-most third",)),
+                     "far right third", "right-most third"), ("far right vertical third",)),
     "top_third": (("top third", "uppermost third", "upper horizontal third", "top horizontal band"),
                   ("upper third",)),
     "middle_row": (("middle row", "central band", "middle horizontal third", "central row"),
@@ -156,7 +160,11 @@ POINT_TEMPLATES = (
      ("describe", "inside the rectangle ({bx1}, {by1}), ({bx2}, {by2}), what defects?", "box",
       (0, 1, 2, 3), False),
      ("where", "where are the {xs} inside the box ({bx1}, {by1})-({bx2}, {by2})?", "box",
-      (0, 1, 2, 3), True)),
+      (0, 1, 2, 3), True),
+     ("exists", "within {pr} px of ({px}, {py}): is there a {x}?", "within", (0, 1, 2), True),
+     ("exists", "near ({px}, {py}), any {xs}?", "near", (0, 1), True),
+     ("count", "within {pr} pixels of x={px}, y={py}, how many {xs}?", "within", (0, 1, 2),
+      True)),
     (("describe", "anything close to ({px}, {py})?", "near", (0, 1), False),
      ("describe", "what lies within {pr} px of ({px}, {py})?", "within", (0, 1, 2), False),
      ("exists", "within {pr} pixels of ({px}, {py}), any {xs}?", "within", (0, 1, 2), True),
