@@ -1,6 +1,7 @@
 """The design-split protocol model of issue 17: train on five board designs, choose on two unseen.
 
     python scripts/design_protocol.py train OUT [--minutes-a 35] [--minutes-b 30]
+        [--scale-jitter 0.25 --p-line 0.3 --p-paste 0.5]   # layout augmentation, augment_layout.py
     python benchmarks/design_split.py OUT --core 2 --support 0,4,8,14 --prior-center 0.3,0.4,0.5 --folds
     python scripts/design_protocol.py finalize OUT FINAL --setting "[2, 0.0, 12.0, 0.3, 0.5]"
 
@@ -29,7 +30,8 @@ def train(a) -> None:
     from pcbedge.families.pcbvlm.model.train import FinetuneConfig, finetune
     fc = FinetuneConfig(seed=a.seed, minutes_a=a.minutes_a, minutes_b=a.minutes_b,
                         n_dihedral=4, threads=a.threads, split="designs",
-                        quality_calibration=False)
+                        quality_calibration=False, scale_jitter=a.scale_jitter,
+                        p_line=a.p_line, p_paste=a.p_paste)
     finetune(a.data, a.out, fc)
 
 
@@ -64,6 +66,12 @@ def main(argv=None) -> int:
     t.add_argument("out")
     t.add_argument("--minutes-a", type=float, default=35.0)
     t.add_argument("--minutes-b", type=float, default=30.0)
+    t.add_argument("--scale-jitter", type=float, default=0.0,
+                   help="layout augmentation: crops scaled by up to 1 +/- this (e.g. 0.25)")
+    t.add_argument("--p-line", type=float, default=0.0,
+                   help="layout augmentation: share of crops with lines 1 px wider or narrower")
+    t.add_argument("--p-paste", type=float, default=0.0,
+                   help="layout augmentation: share of crops given 1-2 pasted bank defects")
     f = sub.add_parser("finalize")
     f.add_argument("out")
     f.add_argument("final")

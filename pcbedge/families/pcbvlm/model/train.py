@@ -26,6 +26,8 @@ from pcbedge.errors import DatasetError
 from pcbedge.data.preprocess import pair_to_input, read_gray, resize_u8
 from pcbedge.data.qa import vocabulary_corpus
 from pcbedge.families.pcbvlm.model.augment import crop, dihedral
+from pcbedge.families.pcbvlm.model.augment_layout import (DefectBank, line_width, paste_defects,
+                                                          scale_pair, still_different)
 from pcbedge.families.pcbvlm.model.config import PcbVlmConfig, TextConfig
 from pcbedge.families.pcbvlm.model.model import PcbVlm
 from pcbedge.families.pcbvlm.tokenizer import build_tokenizer
@@ -58,6 +60,12 @@ class FinetuneConfig:
     # "trainval": the last 20 % of every group validates (seen designs only); "designs": whole
     # groups (HELD_OUT_GROUPS) are never trained on, and stage C calibrates on them
     split: str = "trainval"
+    # layout-changing augmentation (augment_layout.py; off by default: chosen by the design
+    # protocol, docs/data.md): crops scaled by up to 1 +/- scale_jitter, copper lines 1 px
+    # wider or narrower in a p_line share of crops, 1-2 bank defects pasted into p_paste of them
+    scale_jitter: float = 0.0
+    p_line: float = 0.0
+    p_paste: float = 0.0
 
 
 class Board8:
@@ -75,23 +83,37 @@ def _to_input(img_u8: np.ndarray) -> np.ndarray:
     return pair_to_input(img_u8[0], img_u8[1])
 
 
-def sample_crop(rng: random.Random, bd: Board8, size: int):
+def sample_crop(rng: random.Random, bd: Board8, size: int, fc: FinetuneConfig | None = None,
+                bank: DefectBank | None = None):
     k = rng.randrange(8)
     img, boxes = dihedral(bd.img, bd.boxes, k)
     H, W = img.shape[-2:]
+    side = size  # the board area read, resized to ``size`` when scale-jittered
+    if fc is not None and fc.scale_jitter > 0:
+        j = math.log1p(fc.scale_jitter)
+        side = min(H, W, round(size / math.exp(rng.uniform(-j, j))))
     if len(boxes) and rng.random() < 0.7:
         x1, y1, x2, y2 = boxes[rng.randrange(len(boxes))]
-        cx, cy = (x1 + x2) / 2 + rng.uniform(-size * 0.4, size * 0.4), \
-            (y1 + y2) / 2 + rng.uniform(-size * 0.4, size * 0.4)
-        x0, y0 = int(np.clip(cx - size / 2, 0, W - size)), int(np.clip(cy - size / 2, 0, H - size))
+        cx, cy = (x1 + x2) / 2 + rng.uniform(-side * 0.4, side * 0.4), \
+            (y1 + y2) / 2 + rng.uniform(-side * 0.4, side * 0.4)
+        x0 = int(np.clip(cx - side / 2, 0, W - side))
+        y0 = int(np.clip(cy - side / 2, 0, H - side))
     else:
-        x0, y0 = rng.randrange(W - size + 1), rng.randrange(H - size + 1)
-    out, b, t = crop(img, boxes, bd.types, x0, y0, size)
+        x0, y0 = rng.randrange(W - side + 1), rng.randrange(H - side + 1)
+    out, b, t = crop(img, boxes, bd.types, x0, y0, side)
+    if side != size:
+        out, b = scale_pair(out, b, size / side)
+    if fc is not None and fc.p_line > 0 and rng.random() < fc.p_line:
+        out = line_width(out, rng.choice((-1, 1)))
+        b, t = still_different(out, b, t)
+    if bank is not None and fc is not None and rng.random() < fc.p_paste:
+        out, b, t = paste_defects(out, b, t, bank, rng, rng.randint(1, 2))
     return _to_input(out), b, t
 
 
 def train_vision(model: PcbVlm, boards: list[Board8], fc: FinetuneConfig, logf) -> None:
     rng = random.Random(fc.seed)
+    bank = DefectBank(boards) if fc.p_paste > 0 else None
     v = model.vision
     v.train()
     opt = torch.optim.AdamW(v.parameters(), lr=fc.lr_a, weight_decay=1e-4)
@@ -105,7 +127,7 @@ def train_vision(model: PcbVlm, boards: list[Board8], fc: FinetuneConfig, logf) 
             g["lr"] = fc.lr_a * (0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))) * min(1, (step + 1) / 100)
         xs, bxs, tys = [], [], []
         for _ in range(fc.batch_a):
-            x, b, t = sample_crop(rng, boards[rng.randrange(len(boards))], fc.crop)
+            x, b, t = sample_crop(rng, boards[rng.randrange(len(boards))], fc.crop, fc, bank)
             xs.append(x), bxs.append(b), tys.append(t)
         x = torch.from_numpy(np.stack(xs))
         hs = fc.crop // stride
