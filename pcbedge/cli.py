@@ -398,12 +398,23 @@ def draw_answer(image: Path, ans: dict, out: Path, fmt: str = "PNG") -> None:
 @click.option("--split", type=click.Choice(["trainval", "designs"]),
               help="trainval (default): the last 20% of every group validates; designs: the "
                    "held-out groups (docs/data.md) are never trained on and calibrate.")
-def finetune(data_dir, out_dir, seed, minutes_a, minutes_b, split) -> None:
+@click.option("--scale-jitter", type=click.FloatRange(min=0, max=1, max_open=True),
+              help="Layout augmentation: crops scaled by up to 1 +/- this (e.g. 0.25; "
+                   "docs/data.md). Default 0.")
+@click.option("--p-line", type=click.FloatRange(min=0, max=1),
+              help="Layout augmentation: share of crops with copper lines 1 px wider or "
+                   "narrower. Default 0.")
+@click.option("--p-paste", type=click.FloatRange(min=0, max=1),
+              help="Layout augmentation: share of crops given 1-2 training defects pasted "
+                   "from other boards. Default 0.")
+def finetune(data_dir, out_dir, seed, minutes_a, minutes_b, split, scale_jitter, p_line,
+             p_paste) -> None:
     """Train the reference PCB VLM on a DeepPCB-layout folder.
 
     Trains from scratch on the train part of its trainval.txt."""
     from pcbedge import api
-    given = {"seed": seed, "minutes_a": minutes_a, "minutes_b": minutes_b, "split": split}
+    given = {"seed": seed, "minutes_a": minutes_a, "minutes_b": minutes_b, "split": split,
+             "scale_jitter": scale_jitter, "p_line": p_line, "p_paste": p_paste}
     api.finetune(data_dir, out_dir, **{k: v for k, v in given.items() if v is not None})
     click.echo(f"model saved to {out_dir}")
 

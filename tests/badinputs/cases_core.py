@@ -93,6 +93,11 @@ case("ask-max-new-tokens-zero", "UsageError", lambda env: Call(
 case("ask-max-new-tokens-negative", "UsageError", lambda env: Call(
     ask(env, *env.pair(), Q, "--max-new-tokens", "-5"), ("-5 is not in the range",)))
 
+case("finetune-paste-share-above-one", "UsageError", lambda env: Call(
+    ["finetune", "--data", str(env.tmp / "data"), "--out", str(env.tmp / "model"),
+     "--p-paste", "1.5"], ("--p-paste", "1.5 is not in the range"),
+    absent=(env.tmp / "model",)))
+
 
 @case("ask-show-unknown-format", "UsageError")
 def _(env):
