@@ -10,6 +10,8 @@ import random
 import numpy as np
 from PIL import Image
 
+from pcbedge.families.pcbvlm.model.augment import dihedral
+
 
 def scale_pair(img: np.ndarray, boxes: np.ndarray, s: float) -> tuple[np.ndarray, np.ndarray]:
     """Both images resized by ``s`` (bilinear), the boxes with them: the board's traces, pads
@@ -46,14 +48,11 @@ def line_width(img: np.ndarray, delta: int) -> np.ndarray:
 def still_different(img: np.ndarray, boxes: np.ndarray, types: np.ndarray, level: int = 64):
     """The boxes whose test and template still differ somewhere inside (an eroded hair-thin
     spur can vanish from both): a label is kept only where a defect is still to be seen."""
-    keep = []
-    for x1, y1, x2, y2 in boxes:
-        a, b = int(np.floor(x1)), int(np.floor(y1))
-        d = np.abs(img[0, b:int(np.ceil(y2)), a:int(np.ceil(x2))].astype(np.int16)
-                   - img[1, b:int(np.ceil(y2)), a:int(np.ceil(x2))])
-        keep.append(d.size > 0 and int(d.max()) >= level)
-    keep = np.array(keep, bool)
-    return boxes[keep] if len(boxes) else boxes, types[keep] if len(types) else types
+    diff = np.abs(img[0].astype(np.int16) - img[1]) >= level
+    keep = np.array([diff[int(np.floor(y1)):int(np.ceil(y2)),
+                          int(np.floor(x1)):int(np.ceil(x2))].any()
+                     for x1, y1, x2, y2 in boxes], bool)
+    return (boxes[keep], types[keep]) if len(boxes) else (boxes, types)
 
 
 class DefectBank:
@@ -93,17 +92,16 @@ def _overlaps(box: np.ndarray, boxes: np.ndarray, gap: float) -> bool:
 
 
 def paste_defects(img: np.ndarray, boxes: np.ndarray, types: np.ndarray, bank: DefectBank,
-                  rng: random.Random, n: int, k: int | None = None, gap: float = 8.0):
-    """Up to ``n`` bank patches pasted at random places of ``img`` (a crop, possibly rotated by
-    dihedral transform ``k`` first, patch and box alike), never within ``gap`` px of a box
-    already there. Returns the new image, boxes and types."""
-    from pcbedge.families.pcbvlm.model.augment import dihedral
+                  rng: random.Random, n: int, gap: float = 8.0):
+    """Up to ``n`` bank patches, each under a random dihedral transform (patch and box alike),
+    pasted at random places of ``img`` (a crop), never within ``gap`` px of a box already there.
+    Returns the new image, boxes and types."""
     img = img.copy()
     boxes, types = boxes.astype(np.float32).reshape(-1, 4), np.asarray(types, np.int64)
     H, W = img.shape[-2:]
     for _ in range(n):
         patch, rel, t = bank.sample(rng)
-        patch, rel = dihedral(patch, rel[None], rng.randrange(8) if k is None else k)
+        patch, rel = dihedral(patch, rel[None], rng.randrange(8))
         ph, pw = patch.shape[-2:]
         if ph >= H or pw >= W:
             continue
