@@ -1,6 +1,7 @@
 """The design-split protocol model of issue 17: train on five board designs, choose on two unseen.
 
     python scripts/design_protocol.py train OUT [--minutes-a 35] [--minutes-b 30]
+        [--init-from OUT/checkpoint_stage_a]                # resume after stage A
         [--scale-jitter 0.25 --p-line 0.3 --p-paste 0.5]   # layout augmentation, augment_layout.py
     python benchmarks/design_split.py OUT --core 2 --support 0,4,8,14 --prior-center 0.3,0.4,0.5 --folds
     python scripts/design_protocol.py finalize OUT FINAL --setting "[2, 0.0, 12.0, 0.3, 0.5]"
@@ -31,7 +32,12 @@ def train(a) -> None:
     fc = FinetuneConfig(seed=a.seed, minutes_a=a.minutes_a, minutes_b=a.minutes_b,
                         n_dihedral=4, threads=a.threads, split="designs",
                         quality_calibration=False, scale_jitter=a.scale_jitter,
-                        p_line=a.p_line, p_paste=a.p_paste)
+                        p_line=a.p_line, p_paste=a.p_paste, init_from=a.init_from)
+    if a.init_from:  # resume: stage B from a saved stage A, its log kept beside the new one
+        fc = replace(fc, minutes_a=0.0)
+        log = Path(a.out) / "train_log.jsonl"
+        if log.exists():
+            log.replace(log.with_name("train_log_stage_a.jsonl"))
     finetune(a.data, a.out, fc)
 
 
@@ -72,6 +78,9 @@ def main(argv=None) -> int:
                    help="layout augmentation: share of crops with lines 1 px wider or narrower")
     t.add_argument("--p-paste", type=float, default=0.0,
                    help="layout augmentation: share of crops given 1-2 pasted bank defects")
+    t.add_argument("--init-from", default=None,
+                   help="resume an interrupted run: its OUT/checkpoint_stage_a; stage A is "
+                        "skipped and stage B trains from it")
     f = sub.add_parser("finalize")
     f.add_argument("out")
     f.add_argument("final")
