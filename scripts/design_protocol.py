@@ -47,11 +47,13 @@ def finalize(a) -> None:
     from pcbedge.families.pcbvlm.model.train import Board8, calibration_pairs
     from pcbedge.families.pcbvlm.model.train_lm import fit_platt
     torch.set_num_threads(a.threads)
-    core, support, w, c, overlap, *ring = json.loads(a.setting)
-    ring = int(ring[0]) if ring else 0
+    core, support, w, c, overlap, *rest = json.loads(a.setting)
+    ring = int(rest[0]) if rest else 0
+    metric = str(rest[1]) if len(rest) > 1 else "iou"
     m = PcbVlm.from_pretrained(a.out)
     m.cfg = replace(m.cfg, region_prior_weight=w, region_prior_center=c,
-                    region_overlap_max=overlap, region_confidence="margin",
+                    region_overlap_max=overlap, region_overlap_metric=metric,
+                    region_confidence="margin",
                     vision=replace(m.cfg.vision, min_support=support, support_core=int(core),
                                    island_ring=ring))
     m.vision.cfg = m.cfg
@@ -59,7 +61,7 @@ def finalize(a) -> None:
     logps, correct = calibration_pairs(m, [Board8(b, m.cfg.input_size) for b in unseen], a.seed)
     m.calibration = fit_platt(logps, correct)
     m.save_pretrained(a.final, extra_generation={"protocol": {
-        "setting": [core, support, w, c, overlap, ring], "chosen_on": "unseen-design boards",
+        "setting": [core, support, w, c, overlap, ring, metric], "chosen_on": "unseen-design boards",
         "platt_on": "unseen-design boards", "reports": len(logps)}})
     print(f"{a.final}: Platt {m.calibration} on {len(logps)} reports")
 
@@ -85,7 +87,8 @@ def main(argv=None) -> int:
     f.add_argument("out")
     f.add_argument("final")
     f.add_argument("--setting", required=True,
-                   help="JSON [core, support, w, c, overlap] or [..., island ring]")
+                   help="JSON [core, support, w, c, overlap] or [..., island ring] or "
+                        "[..., island ring, overlap metric]")
     for p in (t, f):
         p.add_argument("--data", default=str(DATA))
         p.add_argument("--seed", type=int, default=0)

@@ -146,7 +146,34 @@ def test_overlap_rule_never_reports_the_same_place_twice():
         got[limit] = [k for _, k, _ in st.defects]
     assert got[1.0] == [0, 1, 2, 3]
     assert got[0.5] == [0, 2]          # 1 (IoU 0.68) and 3 (same box) repeat region 0
+    # a small fragment inside a large reported box: IoU misses it, intersection over the
+    # smaller box does not
+    frag = np.array([[0, 0, 40, 40], [5, 5, 15, 15], [50, 50, 60, 60], [70, 70, 80, 80]],
+                    np.float32)
+    for metric, want in (("iou", [0, 1, 2, 3]), ("iomin", [0, 2, 3])):
+        spec = _spec(region_overlap_max=0.5, region_overlap_metric=metric)
+        st = DecodeState(spec, np.asarray([0.9] * K, np.float32), frag)
+        st.advance(spec["intents"]["describe"])
+        st.advance(spec["filters"]["all"])
+        z = _logits(spec, -5.0, [4.0, 3.0, 2.0, 1.0])
+        for _ in range(2 * K + 2):
+            if st.done:
+                break
+            st.step(z if st.phase == "region" else np.zeros_like(z))
+        assert [k for _, k, _ in st.defects] == want, metric
     # without boxes the rule is off whatever the spec says
     spec = _spec(region_overlap_max=0.5)
     st = _at_region_phase(spec, [0.9] * K)
     assert st._overlaps_reported().sum() == 0
+
+
+def test_model_config_refuses_an_unknown_overlap_metric():
+    from pcbedge.errors import ModelError
+    from pcbedge.families.pcbvlm.model.config import PcbVlmConfig
+    d = PcbVlmConfig(region_overlap_metric="iomin").to_dict()
+    assert PcbVlmConfig.from_dict(d).region_overlap_metric == "iomin"
+    d["region_overlap_metric"] = "iomax"
+    with pytest.raises(ModelError, match="region_overlap_metric is 'iomax'"):
+        PcbVlmConfig.from_dict(d)
+    del d["region_overlap_metric"]   # configs written before it existed read as IoU
+    assert PcbVlmConfig.from_dict(d).region_overlap_metric == "iou"

@@ -185,9 +185,11 @@ OFF = _region_offset()   # the tiny model's first region pointer id
     (_set("answer.grammar.region_offset", OFF - 10),
      f"'answer.grammar.region_offset' = {OFF - 10}"),
     (_set("answer.grammar.min_region_score", 2), "'answer.grammar.min_region_score' = 2"),
+    (_set("answer.grammar.region_overlap_metric", "iomax"),
+     "'answer.grammar.region_overlap_metric' = 'iomax'"),
     (_set("max_text_len", 49), "at least 51"),
 ], ids=["empty", "eos-str", "intents-partial", "regions", "eos-in-regions", "offset", "score",
-        "no-room"])
+        "overlap-metric", "no-room"])
 def test_pcbvlm_fields_checked_before_anything_runs(export, tmp_path, edit, fragment):
     from pcbedge.runtime import load_runner
     b = edited(export, tmp_path / "b", edit)

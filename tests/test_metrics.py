@@ -32,6 +32,21 @@ def test_iou_and_matrix_agree():
     assert M.iou((1, 1, 1, 1), (1, 1, 1, 1)) == 0.0  # zero-area boxes never overlap
 
 
+def test_intersection_over_the_smaller_box():
+    from pcbedge.geometry import iomin_matrix, overlap_matrix
+    big, inside, astride, apart = (0, 0, 40, 40), (5, 5, 15, 15), (30, 10, 50, 20), (60, 60, 70, 70)
+    m = iomin_matrix(np.array([big], float), np.array([inside, astride, apart, big], float))
+    assert m[0].tolist() == pytest.approx([1.0, 0.5, 0.0, 1.0])   # astride: half of it inside
+    assert M.iou(big, inside) == pytest.approx(100 / 1600)        # where IoU stays low
+    assert np.array_equal(iomin_matrix(np.array([inside], float), np.array([big], float)),
+                          iomin_matrix(np.array([big], float), np.array([inside], float)).T)
+    assert iomin_matrix(np.array([(1, 1, 1, 1)], float), np.array([big], float))[0, 0] == 0.0
+    assert overlap_matrix(np.array([big], float), np.array([inside], float), "iou")[0, 0] == \
+        pytest.approx(100 / 1600)
+    with pytest.raises(ValueError, match="iomax"):
+        overlap_matrix(np.array([big], float), np.array([inside], float), "iomax")
+
+
 def test_perfect_predictions():
     gts = [[gt("open", A), gt("short", B)], [gt("spur", A)]]
     preds = [[pr("open", A, 0.9), pr("short", B, 0.8)], [pr("spur", A, 0.7)]]

@@ -31,7 +31,9 @@ probable first). Two spec fields shape that step:
 * ``region_overlap_max``: a proposal whose box overlaps an already-reported region's box by
   more than this IoU may not be reported (the same place is never reported twice, as the same
   proposal is not; the head sometimes puts two peaks on one large defect). Needs the boxes
-  (``DecodeState.region_boxes``); 1.0 = off.
+  (``DecodeState.region_boxes``); 1.0 = off. ``region_overlap_metric`` says which overlap:
+  ``"iou"`` (default) or ``"iomin"``, intersection over the smaller box, which also catches a
+  small fragment lying inside or astride a large reported box (its IoU with it stays low).
 * ``region_confidence``: ``"softmax"`` reads a region's raw confidence as its share of the
   step's probability; ``"margin"`` as ``sigmoid(logit_k - logit_eos)``, "report it rather than
   stop", which does not shrink when many true regions remain. Platt scaling then calibrates it.
@@ -48,7 +50,7 @@ import numpy as np
 
 from pcbedge.data.query import MAX_SLOTS, ORDERS, SCOPES, Program
 from pcbedge.families.pcbvlm.program import allowed_logits, program_spec
-from pcbedge.geometry import iou_matrix
+from pcbedge.geometry import overlap_matrix
 
 DEFECT_TYPES = ("open", "short", "mousebite", "spur", "spurious_copper", "pin_hole")
 INTENTS = ("where", "count", "exists", "describe", "verdict", "unsupported")
@@ -68,7 +70,7 @@ CANONICAL_QUESTION = "list every defect."
 def grammar_spec(vocab: dict[str, int], num_regions: int, min_region_score: float,
                  calibration: dict, *, region_prior_weight: float = 0.0,
                  region_prior_center: float = 0.5, region_overlap_max: float = 1.0,
-                 region_confidence: str = "softmax") -> dict:
+                 region_confidence: str = "softmax", region_overlap_metric: str = "iou") -> dict:
     """The JSON block a manifest carries so any runner can decode this answer language."""
     return {
         "kind": "pcbvlm-pointer-v3",
@@ -83,6 +85,7 @@ def grammar_spec(vocab: dict[str, int], num_regions: int, min_region_score: floa
         "region_prior_weight": float(region_prior_weight),
         "region_prior_center": float(region_prior_center),
         "region_overlap_max": float(region_overlap_max),
+        "region_overlap_metric": region_overlap_metric,
         "region_confidence": region_confidence,
         "calibration": calibration,
     }
@@ -144,14 +147,15 @@ class DecodeState:
 
     def _overlaps_reported(self) -> np.ndarray:
         """[K] True where a proposal's box overlaps a reported region's box above
-        ``region_overlap_max`` (never the reported ones themselves: they are excluded anyway)."""
+        ``region_overlap_max`` by ``region_overlap_metric`` (never the reported ones themselves:
+        they are excluded anyway)."""
         k = len(self.region_scores)
         limit = float(self.spec.get("region_overlap_max", 1.0))
         if self.region_boxes is None or limit >= 1.0 or not self.emitted:
             return np.zeros(k, dtype=bool)
         b = np.nan_to_num(np.asarray(self.region_boxes, dtype=np.float64).reshape(k, 4))
-        iou = iou_matrix(b, b[sorted(self.emitted)])
-        return (iou > limit).any(axis=1)
+        metric = self.spec.get("region_overlap_metric", "iou")
+        return (overlap_matrix(b, b[sorted(self.emitted)], metric) > limit).any(axis=1)
 
     def _region_prior(self, ids: np.ndarray) -> np.ndarray:
         """Weight x logit(evidence score) for each allowed pointer, 0 for <eos>: the decoder's

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pcbedge.bundle.schema import Int, List, Num, Obj, Str, Violation
 from pcbedge.data.query import MAX_SLOTS, ORDERS, SCOPES
 from pcbedge.families.pcbvlm.grammar import DEFECT_TYPES, INTENTS, REGION_CONFIDENCE
+from pcbedge.geometry import OVERLAP_METRICS
 
 TOKEN = Int(0, 1 << 24)
 MAX_REGIONS = 4096
@@ -46,6 +47,7 @@ GRAMMAR = Obj({
     "region_prior_weight": Num(-100.0, 100.0),
     "region_prior_center": Num(0.0, 1.0),
     "region_overlap_max": Num(0.0, 1.0),
+    "region_overlap_metric": Str(OVERLAP_METRICS),
     "region_confidence": Str(REGION_CONFIDENCE),
     "calibration": Obj({"a": Num(-1e6, 1e6), "b": Num(-1e6, 1e6),
                         "quality": Obj({"residual_ref": Num(0.0, 1.0, lo_open=True),

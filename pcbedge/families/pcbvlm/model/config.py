@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pcbedge.errors import ModelError
+from pcbedge.geometry import OVERLAP_METRICS
 
 MODEL_TYPE = "pcbvlm"
 
@@ -63,9 +64,15 @@ class PcbVlmConfig:
     # probability; "margin": its logit over <eos>, i.e. "report it rather than stop")
     region_prior_weight: float = 0.0
     region_prior_center: float = 0.5     # evidence score at which the head's vote is neutral
-    region_overlap_max: float = 1.0      # IoU above which a box repeats a reported one (1 = off)
+    region_overlap_max: float = 1.0      # overlap above which a box repeats a reported one (1 = off)
+    region_overlap_metric: str = "iou"   # "iou", or "iomin": intersection over the smaller box
     region_confidence: str = "softmax"
     model_type: str = MODEL_TYPE
+
+    def __post_init__(self):
+        if self.region_overlap_metric not in OVERLAP_METRICS:
+            raise ModelError(f"config region_overlap_metric is {self.region_overlap_metric!r}",
+                             fix=f"use one of {', '.join(OVERLAP_METRICS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,6 +90,7 @@ class PcbVlmConfig:
                    region_prior_weight=float(d.get("region_prior_weight", 0.0)),
                    region_prior_center=float(d.get("region_prior_center", 0.5)),
                    region_overlap_max=float(d.get("region_overlap_max", 1.0)),
+                   region_overlap_metric=d.get("region_overlap_metric", "iou"),
                    region_confidence=d.get("region_confidence", "softmax"))
 
     def save(self, path: Path) -> None:

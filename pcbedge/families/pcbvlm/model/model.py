@@ -44,6 +44,7 @@ class PcbVlm(nn.Module):
                             self.calibration, region_prior_weight=self.cfg.region_prior_weight,
                             region_prior_center=self.cfg.region_prior_center,
                             region_overlap_max=self.cfg.region_overlap_max,
+                            region_overlap_metric=self.cfg.region_overlap_metric,
                             region_confidence=self.cfg.region_confidence)
 
     def encode_image(self, x: torch.Tensor) -> dict:
