@@ -99,6 +99,17 @@ case("finetune-paste-share-above-one", "UsageError", lambda env: Call(
     absent=(env.tmp / "model",)))
 
 
+@case("finetune-resume-other-settings", "ModelError")
+def _(env):
+    saved = env.tmp / "model" / "checkpoint_stage_a"
+    saved.mkdir(parents=True)
+    (saved / "config.json").write_text("{}")
+    (saved / "generation_config.json").write_text(json.dumps({"stage_settings": {"seed": 0}}))
+    return Call(["finetune", "--data", str(env.tmp / "data"), "--out", str(env.tmp / "model"),
+                 "--resume", "--seed", "3"],
+                ("checkpoint_stage_a", "other settings", "seed"), unchanged=env.tmp / "model")
+
+
 @case("ask-show-unknown-format", "UsageError")
 def _(env):
     show = env.tmp / "drawn.gif"

@@ -30,6 +30,7 @@ from pcbedge.families.pcbvlm.model.augment_layout import (DefectBank, line_width
                                                           scale_pair, still_different)
 from pcbedge.families.pcbvlm.model.config import PcbVlmConfig, TextConfig
 from pcbedge.families.pcbvlm.model.model import PcbVlm
+from pcbedge.families.pcbvlm.model.resume import StageCheckpoint, refuse_other_settings
 from pcbedge.families.pcbvlm.tokenizer import build_tokenizer
 from pcbedge.families.pcbvlm.model.vision import detection_loss, heatmap_targets
 
@@ -66,6 +67,16 @@ class FinetuneConfig:
     scale_jitter: float = 0.0
     p_line: float = 0.0
     p_paste: float = 0.0
+    # stages A and B save their state to OUT/stage_*.resume.pt this often (0 = never);
+    # resume=True continues a killed run from it, or skips a stage whose checkpoint exists
+    # (resume.py)
+    checkpoint_minutes: float = 10.0
+    resume: bool = False
+
+    def settings(self) -> dict:
+        """What a resumed run must share with the run it continues."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("threads", "checkpoint_minutes", "resume", "steps_a", "steps_b")}
 
 
 class Board8:
@@ -111,16 +122,19 @@ def sample_crop(rng: random.Random, bd: Board8, size: int, fc: FinetuneConfig | 
     return _to_input(out), b, t
 
 
-def train_vision(model: PcbVlm, boards: list[Board8], fc: FinetuneConfig, logf) -> None:
+def train_vision(model: PcbVlm, boards: list[Board8], fc: FinetuneConfig, logf,
+                 ckpt: StageCheckpoint | None = None) -> None:
     rng = random.Random(fc.seed)
     bank = DefectBank(boards) if fc.p_paste > 0 else None
     v = model.vision
     v.train()
     opt = torch.optim.AdamW(v.parameters(), lr=fc.lr_a, weight_decay=1e-4)
-    t0, budget = time.time(), fc.minutes_a * 60
+    step, spent = ckpt.restore({"vision": v}, opt, [rng]) if ckpt else (0, 0.0)
+    t0, budget = time.time() - spent, fc.minutes_a * 60
     stride = model.cfg.vision.stride
-    bar = tqdm(total=int(budget), desc="stage A: vision (s)", unit="s", leave=True)
-    step, last = 0, 0
+    bar = tqdm(total=int(budget), initial=int(spent), desc="stage A: vision (s)", unit="s",
+               leave=True)
+    last = int(spent)
     while step < fc.steps_a and time.time() - t0 < budget:
         frac = (time.time() - t0) / budget
         for g in opt.param_groups:
@@ -145,6 +159,8 @@ def train_vision(model: PcbVlm, boards: list[Board8], fc: FinetuneConfig, logf) 
                    "focal": round(focal.item(), 4), "box_l1": round(l1.item(), 4)}
             logf.write(json.dumps(rec) + "\n"), logf.flush()
             bar.set_postfix(focal=f"{focal.item():.3f}", box=f"{l1.item():.3f}", step=step)
+        if ckpt:
+            ckpt.maybe_save({"vision": v}, opt, [rng], step, time.time() - t0)
         now = int(time.time() - t0)
         bar.update(now - last)
         last = now
@@ -167,6 +183,20 @@ def calibration_pairs(model: PcbVlm, boards: list[Board8], seed: int) -> tuple[l
             d = {"type": t, "bbox": boxes[k].tolist()}
             logps.append(logp), correct.append(is_correct(d, bd.boxes, bd.types, used))
     return logps, correct
+
+
+def _stage_done(folder: Path, ckpt: StageCheckpoint, fc: FinetuneConfig) -> bool:
+    """Resuming, a stage whose checkpoint folder was saved and that left no resume state is
+    done; a checkpoint of a run with other settings is refused, not trained on."""
+    if not fc.resume or ckpt.path.exists() or not (folder / "config.json").exists():
+        return False
+    try:
+        saved = json.loads((folder / "generation_config.json").read_text()).get("stage_settings")
+    except (OSError, ValueError):
+        saved = None
+    refuse_other_settings(folder, saved, fc.settings())
+    log.info("resume: %s is done, loading it", folder.name)
+    return True
 
 
 @torch.no_grad()
@@ -205,10 +235,16 @@ def finetune(data_dir, out_dir, fc: FinetuneConfig = FinetuneConfig(), list_file
         raise DatasetError(f"split {fc.split!r} is not 'trainval' or 'designs'",
                            fix="FinetuneConfig(split='trainval') or split='designs' "
                                "(docs/data.md)")
+    out = Path(out_dir)
+    ck = {st: StageCheckpoint(out, st, fc.checkpoint_minutes, fc.settings(), fc.resume)
+          for st in ("stage_a", "stage_b")}
+    done_a = _stage_done(out / "checkpoint_stage_a", ck["stage_a"], fc)   # refused before
+    done_b = done_a and _stage_done(out / "checkpoint_stage_b", ck["stage_b"], fc)   # any work
+    for c in ck.values():
+        c.check()
     torch.manual_seed(fc.seed)
     torch.set_num_threads(fc.threads)
     random.seed(fc.seed), np.random.seed(fc.seed)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     boards = read_list(data_dir, list_file)
@@ -227,14 +263,24 @@ def finetune(data_dir, out_dir, fc: FinetuneConfig = FinetuneConfig(), list_file
         model = PcbVlm(cfg, tok)
     train = [Board8(b, cfg.input_size) for b in tqdm(train_b, desc="loading train boards")]
     val = [Board8(b, cfg.input_size) for b in tqdm(val_b, desc="loading validation boards")]
-    with open(out / "train_log.jsonl", "w") as logf:
-        if fc.minutes_a > 0:
-            train_vision(model, train, fc, logf)
-        model.save_pretrained(out / "checkpoint_stage_a")
-        items = cache_vision(model, train, fc.n_dihedral, fc.match_iou)
-        train_decoder(model, items, fc, logf)
-        del items
-        model.save_pretrained(out / "checkpoint_stage_b")
+    with open(out / "train_log.jsonl", "a" if fc.resume else "w") as logf:
+        if done_a:
+            model = PcbVlm.from_pretrained(out / "checkpoint_stage_a")
+        else:
+            if fc.minutes_a > 0:
+                train_vision(model, train, fc, logf, ck["stage_a"])
+            model.save_pretrained(out / "checkpoint_stage_a",
+                                  extra_generation={"stage_settings": fc.settings()})
+            ck["stage_a"].finish()
+        if done_b:
+            model = PcbVlm.from_pretrained(out / "checkpoint_stage_b")
+        else:
+            items = cache_vision(model, train, fc.n_dihedral, fc.match_iou)
+            train_decoder(model, items, fc, logf, ck["stage_b"])
+            del items
+            model.save_pretrained(out / "checkpoint_stage_b",
+                                  extra_generation={"stage_settings": fc.settings()})
+            ck["stage_b"].finish()
         logps, correct = calibration_pairs(model, val, fc.seed)
         model.calibration = fit_platt(logps, correct)
         logf.write(json.dumps({"stage": "C", **model.calibration}) + "\n")

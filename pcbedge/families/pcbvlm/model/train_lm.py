@@ -153,7 +153,7 @@ def part_of(spec: dict) -> dict[int, str]:
     return parts
 
 
-def train_decoder(model, items, fc, logf) -> None:
+def train_decoder(model, items, fc, logf, ckpt=None) -> None:
     rng = random.Random(fc.seed + 1)
     torch.manual_seed(fc.seed + 1)
     gen = QuestionGenerator(seed=fc.seed + 1, split="train", fillers=True)
@@ -163,8 +163,10 @@ def train_decoder(model, items, fc, logf) -> None:
     spec = model.spec
     parts = part_of(spec)
     max_q = model.cfg.text.max_text_len // 2
-    t0, budget, step, last = time.time(), fc.minutes_b * 60, 0, 0
-    bar = tqdm(total=int(budget), desc="stage B: language (s)", unit="s")
+    modules = {"projector": model.projector, "decoder": model.decoder}
+    step, spent = ckpt.restore(modules, opt, [rng, gen.rng]) if ckpt else (0, 0.0)
+    t0, budget, last = time.time() - spent, fc.minutes_b * 60, int(spent)
+    bar = tqdm(total=int(budget), initial=int(spent), desc="stage B: language (s)", unit="s")
     while step < fc.steps_b and time.time() - t0 < budget:
         frac = (time.time() - t0) / budget
         for g in opt.param_groups:
@@ -206,6 +208,8 @@ def train_decoder(model, items, fc, logf) -> None:
                     rec[name] = round(loss_all[sel].mean().item(), 4)
             logf.write(json.dumps(rec) + "\n"), logf.flush()
             bar.set_postfix(loss=f"{loss.item():.3f}", step=step)
+        if ckpt:
+            ckpt.maybe_save(modules, opt, [rng, gen.rng], step, time.time() - t0)
         now = int(time.time() - t0)
         bar.update(now - last)
         last = now
