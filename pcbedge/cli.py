@@ -16,8 +16,7 @@ from pathlib import Path
 import click
 
 from pcbedge import __version__
-from pcbedge.errors import (BundleError, DependencyError, GateFailed, InputImageError,
-                            PcbEdgeError)
+from pcbedge.errors import BundleError, DependencyError, GateFailed, PcbEdgeError
 
 EXIT_INTERRUPTED = 130   # 128 + SIGINT, as a shell reports Ctrl-C
 EXIT_TERMINATED = 143    # 128 + SIGTERM
@@ -287,6 +286,7 @@ def ask(args, model, image, template, as_json, show, batch, out, max_new_tokens,
     ans = runner.ask(image, template, question, **kw)
     click.echo(json.dumps(ans, indent=2, default=_jsonable) if as_json else ans["answer"])
     if show is not None:
+        from pcbedge.runtime.draw import draw_answer
         draw_answer(image, ans, show, fmt)
         click.echo(f"drawn answer written to {show}", err=True)
 
@@ -340,12 +340,6 @@ def _run_batch(runner, items, batch: Path, out: Path, kw: dict) -> None:
     run_batch(runner, items, batch, out, kw, default=_jsonable)
 
 
-def _atomic_path(path: Path, suffix: str = ".tmp"):
-    """The package's one writer (:func:`pcbedge.bundle.atomic.atomic_path`)."""
-    from pcbedge.bundle.atomic import atomic_path
-    return atomic_path(path, suffix)
-
-
 def _image_format(path: Path) -> str:
     from PIL import Image
     fmt = Image.registered_extensions().get(path.suffix.lower())
@@ -353,36 +347,6 @@ def _image_format(path: Path) -> str:
         raise click.BadParameter(f"{path} must end in .png, .jpg, .webp, .bmp or .tif",
                                  param_hint="--show")
     return fmt
-
-
-TYPE_COLORS = {"open": (230, 25, 75), "short": (255, 225, 25), "mousebite": (60, 180, 75),
-               "spur": (0, 130, 200), "spurious_copper": (245, 130, 48), "pin_hole": (240, 50, 230)}
-
-
-def draw_answer(image: Path, ans: dict, out: Path, fmt: str = "PNG") -> None:
-    """Draw the answer's boxes, types and confidences on the board image (original pixels)."""
-    from PIL import Image, ImageDraw, ImageFont, ImageOps
-    try:
-        with Image.open(image) as im:
-            canvas = ImageOps.exif_transpose(im).convert("RGB")
-    except OSError as e:
-        raise InputImageError(f"image {image} cannot be decoded for --show: {e}") from None
-    draw = ImageDraw.Draw(canvas)
-    width = max(2, round(max(canvas.size) / 320))
-    font = ImageFont.load_default(size=max(12, max(canvas.size) // 50))
-    for d in ans.get("defects", []):
-        color = TYPE_COLORS.get(d["type"], (255, 0, 0))
-        x1, y1, x2, y2 = d["bbox"]
-        draw.rectangle([x1, y1, x2, y2], outline=color, width=width)
-        conf = d.get("confidence")   # None where the family gives no confidence
-        label = d["type"] if conf is None else f"{d['type']} {conf:.2f}"
-        box = draw.textbbox((x1, y1), label, font=font)
-        ty = y1 - (box[3] - box[1]) - 2 if y1 - (box[3] - box[1]) - 2 >= 0 else y2 + 2
-        box = draw.textbbox((x1, ty), label, font=font)
-        draw.rectangle(box, fill=color)
-        draw.text((x1, ty), label, fill=(0, 0, 0), font=font)
-    with _atomic_path(out) as tmp:
-        canvas.save(tmp, format=fmt)
 
 
 @cli.command()
