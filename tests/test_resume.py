@@ -75,8 +75,8 @@ def test_stage_a_resumed_mid_way_ends_where_the_unbroken_run_ends(tmp_path, monk
     saved = {}
     real_save = StageCheckpoint.maybe_save
 
-    def save_and_keep(self, modules, opt, rngs, step, spent, force=False):
-        ok = real_save(self, modules, opt, rngs, step, spent, force)
+    def save_and_keep(self, modules, opt, rngs, step, spent):
+        ok = real_save(self, modules, opt, rngs, step, spent)
         if step == 2:
             saved["path"] = shutil.copy(self.path, tmp_path / "at_step_2.pt")
         return ok

@@ -3,8 +3,9 @@ of a session, a reboot, SIGKILL) continues where it stopped instead of starting 
 
 Every ``every_minutes`` the stage writes ``OUT/<stage>.resume.pt``: the trained modules' weights,
 the optimizer's state, the step, the seconds of budget spent, and every random stream the stage
-draws from (Python ``random.Random`` objects and torch's CPU generator). The write is atomic (a
-temporary file in OUT, then ``os.replace``), so a kill during the save leaves the previous state.
+draws from (Python ``random.Random`` objects and torch's CPU generator). It is written through
+pcbedge's one writer (``bundle.atomic.atomic_path``), so a kill during the save leaves the
+previous state and a full disk is an OutputError naming the file.
 ``finetune(resume=True)`` restores it and the stage goes on with the same learning-rate schedule
 (its cosine runs over budget seconds, and the spent seconds come back) and the same draws it
 would have made had it not been killed at that save; the file is removed when the stage ends.
@@ -13,13 +14,13 @@ The state records the run's settings; resuming with different ones is refused.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from pathlib import Path
 
 import torch
 
+from pcbedge.bundle.atomic import atomic_path
 from pcbedge.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class StageCheckpoint:
         self.stage, self.every_s = stage, float(every_minutes) * 60.0
         self.settings, self.resume = dict(settings), resume
         self._last = time.time()
+        self._state: dict | None = None   # read once, by check() or restore()
 
     def check(self) -> None:
         """Resuming from a state saved with other settings: refused before any work starts."""
@@ -39,6 +41,8 @@ class StageCheckpoint:
             self._load()
 
     def _load(self) -> dict:
+        if self._state is not None:
+            return self._state
         try:
             st = torch.load(self.path, map_location="cpu", weights_only=False)
         except Exception as e:   # a truncated or foreign file: say which, destroy nothing
@@ -46,6 +50,7 @@ class StageCheckpoint:
                              fix="delete it to start the stage again") from None
         refuse_other_settings(self.path, st.get("settings") if isinstance(st, dict) else None,
                               self.settings)
+        self._state = st
         return st
 
     def restore(self, modules: dict, opt, rngs: list[random.Random]) -> tuple[int, float]:
@@ -56,7 +61,7 @@ class StageCheckpoint:
                 log.info("%s: nothing to resume in %s, starting the stage", self.stage,
                          self.path.parent)
             return 0, 0.0
-        st = self._load()
+        st, self._state = self._load(), None
         for name, m in modules.items():
             m.load_state_dict(st["modules"][name])
         opt.load_state_dict(st["optimizer"])
@@ -68,19 +73,15 @@ class StageCheckpoint:
         return int(st["step"]), float(st["spent_s"])
 
     def maybe_save(self, modules: dict, opt, rngs: list[random.Random], step: int,
-                   spent_s: float, force: bool = False) -> bool:
-        if self.every_s <= 0 or (not force and time.time() - self._last < self.every_s):
+                   spent_s: float) -> bool:
+        if self.every_s <= 0 or time.time() - self._last < self.every_s:
             return False
         st = {"settings": self.settings, "step": step, "spent_s": spent_s,
               "modules": {k: m.state_dict() for k, m in modules.items()},
               "optimizer": opt.state_dict(), "rngs": [r.getstate() for r in rngs],
               "torch_rng": torch.get_rng_state()}
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        try:
+        with atomic_path(self.path) as tmp:
             torch.save(st, tmp)
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
         self._last = time.time()
         return True
 
