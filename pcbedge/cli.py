@@ -371,6 +371,9 @@ def _image_format(path: Path) -> str:
 @click.option("--p-paste", type=click.FloatRange(min=0, max=1),
               help="Layout augmentation: share of crops given 1-2 training defects pasted "
                    "from other boards. Default 0.")
+@click.option("--hard-mining", type=click.FloatRange(min=0, max=1),
+              help="Stage A: share of crops centred on the defects the head still scores "
+                   "worst (e.g. 0.5). Default 0.")
 @click.option("--checkpoint-minutes", type=click.FloatRange(min=0),
               help="Save each stage's state to OUT/stage_*.resume.pt this often (0 = never). "
                    "Default 10.")
@@ -378,14 +381,14 @@ def _image_format(path: Path) -> str:
               help="Continue a run that was killed, from its saved state, with the same "
                    "options; stages already saved are not trained again.")
 def finetune(data_dir, out_dir, seed, minutes_a, minutes_b, split, scale_jitter, p_line,
-             p_paste, checkpoint_minutes, resume) -> None:
+             p_paste, hard_mining, checkpoint_minutes, resume) -> None:
     """Train the reference PCB VLM on a DeepPCB-layout folder.
 
     Trains from scratch on the train part of its trainval.txt."""
     from pcbedge import api
     given = {"seed": seed, "minutes_a": minutes_a, "minutes_b": minutes_b, "split": split,
              "scale_jitter": scale_jitter, "p_line": p_line, "p_paste": p_paste,
-             "checkpoint_minutes": checkpoint_minutes, "resume": resume}
+             "hard_mining": hard_mining, "checkpoint_minutes": checkpoint_minutes, "resume": resume}
     api.finetune(data_dir, out_dir, **{k: v for k, v in given.items() if v is not None})
     click.echo(f"model saved to {out_dir}")
 

@@ -4,6 +4,7 @@
         [--resume]                 # continue a killed run from OUT's saved state
         [--init-from OUT/checkpoint_stage_a]                # stage B only, from a saved stage A
         [--scale-jitter 0.25 --p-line 0.3 --p-paste 0.5]   # layout augmentation, augment_layout.py
+        [--hard-mining 0.5]        # stage A crops on the worst-scored defects, hard_mining.py
     python benchmarks/design_split.py OUT --core 2 --support 0,4,8,14 --prior-center 0.3,0.4,0.5 --folds
     python scripts/design_protocol.py finalize OUT FINAL --setting "[2, 0.0, 12.0, 0.3, 0.5]"
 
@@ -33,7 +34,8 @@ def train(a) -> None:
     fc = FinetuneConfig(seed=a.seed, minutes_a=a.minutes_a, minutes_b=a.minutes_b,
                         n_dihedral=4, threads=a.threads, split="designs",
                         quality_calibration=False, scale_jitter=a.scale_jitter,
-                        p_line=a.p_line, p_paste=a.p_paste, init_from=a.init_from,
+                        p_line=a.p_line, p_paste=a.p_paste, hard_mining=a.hard_mining,
+                        init_from=a.init_from,
                         resume=a.resume)
     if a.init_from:  # resume: stage B from a saved stage A, its log kept beside the new one
         fc = replace(fc, minutes_a=0.0)
@@ -82,6 +84,8 @@ def main(argv=None) -> int:
                    help="layout augmentation: share of crops with lines 1 px wider or narrower")
     t.add_argument("--p-paste", type=float, default=0.0,
                    help="layout augmentation: share of crops given 1-2 pasted bank defects")
+    t.add_argument("--hard-mining", type=float, default=0.0,
+                   help="stage A: share of crops centred on the defects the head scores worst")
     t.add_argument("--resume", action="store_true",
                    help="continue a killed run from OUT's saved state (same options)")
     t.add_argument("--init-from", default=None,

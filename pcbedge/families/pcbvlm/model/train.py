@@ -29,6 +29,7 @@ from pcbedge.families.pcbvlm.model.augment import crop, dihedral
 from pcbedge.families.pcbvlm.model.augment_layout import (DefectBank, line_width, paste_defects,
                                                           scale_pair, still_different)
 from pcbedge.families.pcbvlm.model.config import PcbVlmConfig, TextConfig
+from pcbedge.families.pcbvlm.model.hard_mining import DefectDifficulty, centre_prob, find_focus
 from pcbedge.families.pcbvlm.model.model import PcbVlm
 from pcbedge.families.pcbvlm.model.resume import StageCheckpoint, refuse_other_settings
 from pcbedge.families.pcbvlm.tokenizer import build_tokenizer
@@ -67,6 +68,9 @@ class FinetuneConfig:
     scale_jitter: float = 0.0
     p_line: float = 0.0
     p_paste: float = 0.0
+    # stage A: this share of crops is centred on a training defect drawn in proportion to how
+    # badly the head still scores it (hard_mining.py); 0 = off (every crop drawn as before)
+    hard_mining: float = 0.0
     # stages A and B save their state to OUT/stage_*.resume.pt this often (0 = never);
     # resume=True continues a killed run from it, or skips a stage whose checkpoint exists
     # (resume.py)
@@ -96,6 +100,20 @@ def _to_input(img_u8: np.ndarray) -> np.ndarray:
 
 def sample_crop(rng: random.Random, bd: Board8, size: int, fc: FinetuneConfig | None = None,
                 bank: DefectBank | None = None):
+    """A training crop (model input, boxes, types): a random dihedral view, centred near a random
+    defect in 70 % of draws, else anywhere, then the layout augmentation ``fc`` asks for."""
+    return _crop(rng, bd, size, fc, bank, None)[:3]
+
+
+def sample_focused_crop(rng: random.Random, bd: Board8, defect: int, size: int,
+                        fc: FinetuneConfig | None = None, bank: DefectBank | None = None):
+    """A crop centred near defect ``defect`` of ``bd`` (hard-defect sampling): (model input,
+    boxes, types, index of that defect among the boxes or -1 when augmentation dropped it)."""
+    x, b, t, expected = _crop(rng, bd, size, fc, bank, defect)
+    return x, b, t, find_focus(b, expected)
+
+
+def _crop(rng, bd, size, fc, bank, defect):
     k = rng.randrange(8)
     img, boxes = dihedral(bd.img, bd.boxes, k)
     H, W = img.shape[-2:]
@@ -103,15 +121,20 @@ def sample_crop(rng: random.Random, bd: Board8, size: int, fc: FinetuneConfig | 
     if fc is not None and fc.scale_jitter > 0:
         j = math.log1p(fc.scale_jitter)
         side = min(H, W, round(size / math.exp(rng.uniform(-j, j))))
-    if len(boxes) and rng.random() < 0.7:
-        x1, y1, x2, y2 = boxes[rng.randrange(len(boxes))]
-        cx, cy = (x1 + x2) / 2 + rng.uniform(-side * 0.4, side * 0.4), \
-            (y1 + y2) / 2 + rng.uniform(-side * 0.4, side * 0.4)
+    if defect is not None or (len(boxes) and rng.random() < 0.7):
+        x1, y1, x2, y2 = boxes[defect if defect is not None else rng.randrange(len(boxes))]
+        r = 0.3 if defect is not None else 0.4   # a focused defect stays well inside
+        cx, cy = (x1 + x2) / 2 + rng.uniform(-side * r, side * r), \
+            (y1 + y2) / 2 + rng.uniform(-side * r, side * r)
         x0 = int(np.clip(cx - side / 2, 0, W - side))
         y0 = int(np.clip(cy - side / 2, 0, H - side))
     else:
         x0, y0 = rng.randrange(W - side + 1), rng.randrange(H - side + 1)
     out, b, t = crop(img, boxes, bd.types, x0, y0, side)
+    expected = None
+    if defect is not None:
+        expected = np.clip(boxes[defect] - np.array([x0, y0, x0, y0], np.float32), 0, side)
+        expected = expected * (size / side)
     if side != size:
         out, b = scale_pair(out, b, size / side)
     if fc is not None and fc.p_line > 0 and rng.random() < fc.p_line:
@@ -119,7 +142,7 @@ def sample_crop(rng: random.Random, bd: Board8, size: int, fc: FinetuneConfig | 
         b, t = still_different(out, b, t)
     if bank is not None and fc is not None and rng.random() < fc.p_paste:
         out, b, t = paste_defects(out, b, t, bank, rng, rng.randint(1, 2))
-    return _to_input(out), b, t
+    return _to_input(out), b, t, expected
 
 
 def train_vision(model: PcbVlm, boards: list[Board8], fc: FinetuneConfig, logf,
@@ -129,7 +152,9 @@ def train_vision(model: PcbVlm, boards: list[Board8], fc: FinetuneConfig, logf,
     v = model.vision
     v.train()
     opt = torch.optim.AdamW(v.parameters(), lr=fc.lr_a, weight_decay=1e-4)
-    step, spent = ckpt.restore({"vision": v}, opt, [rng]) if ckpt else (0, 0.0)
+    hard = DefectDifficulty([len(bd.boxes) for bd in boards]) if fc.hard_mining > 0 else None
+    state = {"vision": v} if hard is None else {"vision": v, "hard": hard}
+    step, spent = ckpt.restore(state, opt, [rng]) if ckpt else (0, 0.0)
     t0, budget = time.time() - spent, fc.minutes_a * 60
     stride = model.cfg.vision.stride
     bar = tqdm(total=int(budget), initial=int(spent), desc="stage A: vision (s)", unit="s",
@@ -139,15 +164,23 @@ def train_vision(model: PcbVlm, boards: list[Board8], fc: FinetuneConfig, logf,
         frac = (time.time() - t0) / budget
         for g in opt.param_groups:
             g["lr"] = fc.lr_a * (0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))) * min(1, (step + 1) / 100)
-        xs, bxs, tys = [], [], []
+        xs, bxs, tys, focus = [], [], [], []
         for _ in range(fc.batch_a):
-            x, b, t = sample_crop(rng, boards[rng.randrange(len(boards))], fc.crop, fc, bank)
+            if hard is not None and rng.random() < fc.hard_mining:
+                bi, di = hard.pick(rng)
+                x, b, t, j = sample_focused_crop(rng, boards[bi], di, fc.crop, fc, bank)
+                focus.append((len(xs), bi, di, j))
+            else:
+                x, b, t = sample_crop(rng, boards[rng.randrange(len(boards))], fc.crop, fc, bank)
             xs.append(x), bxs.append(b), tys.append(t)
         x = torch.from_numpy(np.stack(xs))
         hs = fc.crop // stride
         heat_t, box_t, box_m = heatmap_targets(bxs, tys, hs, hs, stride)
         _, _, heat, box = v.dense(x)
         focal, l1 = detection_loss(heat, box, heat_t, box_t, box_m)
+        for i, bi, di, j in focus:
+            if j >= 0:
+                hard.update(bi, di, centre_prob(heat, i, bxs[i][j], int(tys[i][j]), stride))
         loss = focal + l1
         opt.zero_grad()
         loss.backward()
@@ -160,7 +193,7 @@ def train_vision(model: PcbVlm, boards: list[Board8], fc: FinetuneConfig, logf,
             logf.write(json.dumps(rec) + "\n"), logf.flush()
             bar.set_postfix(focal=f"{focal.item():.3f}", box=f"{l1.item():.3f}", step=step)
         if ckpt:
-            ckpt.maybe_save({"vision": v}, opt, [rng], step, time.time() - t0)
+            ckpt.maybe_save(state, opt, [rng], step, time.time() - t0)
         now = int(time.time() - t0)
         bar.update(now - last)
         last = now
