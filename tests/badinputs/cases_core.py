@@ -98,6 +98,11 @@ case("finetune-paste-share-above-one", "UsageError", lambda env: Call(
      "--p-paste", "1.5"], ("--p-paste", "1.5 is not in the range"),
     absent=(env.tmp / "model",)))
 
+case("finetune-hard-mining-negative", "UsageError", lambda env: Call(
+    ["finetune", "--data", str(env.tmp / "data"), "--out", str(env.tmp / "model"),
+     "--hard-mining", "-0.5"], ("--hard-mining", "-0.5 is not in the range"),
+    absent=(env.tmp / "model",)))
+
 
 @case("finetune-resume-other-settings", "ModelError")
 def _(env):
