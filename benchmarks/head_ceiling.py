@@ -1,7 +1,7 @@
 """What the vision head alone can count: the ceiling under every decode-time setting (issue 17).
 
-    python benchmarks/head_ceiling.py MODEL_DIR [MODEL_DIR ...] [--list pcbedge/data/splits/deeppcb_val.txt]
-        [--data ../shared/data/deeppcb] [--json OUT]
+    python benchmarks/head_ceiling.py MODEL_DIR [MODEL_DIR ...]
+        [--list pcbedge/data/splits/deeppcb_val.txt] [--data ../shared/data/deeppcb] [--json OUT]
 
 Each board goes through the vision graph once (PyTorch, FP32, the shared preprocessing); its
 proposals (boxes, class-max scores, types) are then thresholded without the decoder:
@@ -77,9 +77,9 @@ def ceiling(boards, props) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("models", nargs="+")
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/deeppcb"))
-    ap.add_argument("--list", type=Path,
-                    default=Path(__file__).resolve().parents[1] / "pcbedge/data/splits/deeppcb_val.txt")
+    root = Path(__file__).resolve().parents[1]
+    ap.add_argument("--data", default=str(root.parent / "shared/data/deeppcb"))
+    ap.add_argument("--list", type=Path, default=root / "pcbedge/data/splits/deeppcb_val.txt")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
