@@ -68,19 +68,11 @@ def _boards(size):
 
 def test_stage_a_resumed_mid_way_ends_where_the_unbroken_run_ends(tmp_path, monkeypatch):
     from pcbedge.families.pcbvlm.model import train as T
-    from pcbedge.families.pcbvlm.testing import tiny_pcbvlm_model
+    from pcbedge.families.pcbvlm.testing import keep_resume_state_at, tiny_pcbvlm_model
     boards = _boards(128)
     fc = T.FinetuneConfig(minutes_a=30, steps_a=3, batch_a=2, crop=64, checkpoint_minutes=1e-9,
                           resume=True)
-    saved = {}
-    real_save = StageCheckpoint.maybe_save
-
-    def save_and_keep(self, modules, opt, rngs, step, spent):
-        ok = real_save(self, modules, opt, rngs, step, spent)
-        if step == 2:
-            saved["path"] = shutil.copy(self.path, tmp_path / "at_step_2.pt")
-        return ok
-    monkeypatch.setattr(StageCheckpoint, "maybe_save", save_and_keep)
+    saved = keep_resume_state_at(monkeypatch, 2, tmp_path / "at_step_2.pt")
     unbroken = tiny_pcbvlm_model()
     (tmp_path / "a").mkdir()
     with open(tmp_path / "log_a", "w") as logf:

@@ -49,3 +49,21 @@ TINY_NAME = "tiny-pcbvlm"   # the folder tiny_model saves into
 def tiny_model(folder: str | Path, name: str = TINY_NAME) -> Path:
     """The ``testing`` role: a tiny model of this family saved under ``folder/name``."""
     return tiny_pcbvlm(folder, name=name)
+
+
+def keep_resume_state_at(monkeypatch, step: int, dest: str | Path) -> dict:
+    """Every stage checkpoint saved at ``step`` is also copied to ``dest`` (the state a run
+    "killed" right after that step would leave); the returned dict gets its ``"path"``."""
+    import shutil
+
+    from pcbedge.families.pcbvlm.model.resume import StageCheckpoint
+    kept: dict = {}
+    real_save = StageCheckpoint.maybe_save
+
+    def save_and_keep(self, modules, opt, rngs, at, spent):
+        ok = real_save(self, modules, opt, rngs, at, spent)
+        if at == step:
+            kept["path"] = shutil.copy(self.path, dest)
+        return ok
+    monkeypatch.setattr(StageCheckpoint, "maybe_save", save_and_keep)
+    return kept
