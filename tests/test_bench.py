@@ -373,6 +373,6 @@ def test_hallucination_gate_counts_hallucinations_not_the_rate():
            "hallucinations_per_board": 4 / 200}
     same = {**ref, "hallucination_rate": 4 / 1295}    # one true defect fewer, same 4 false ones
     more = {**ref, "hallucination_rate": 5 / 1296, "hallucinations_per_board": 5 / 200}
-    for acc, ok in ((same, True), (more, False)):
-        report = {"accuracy": acc, "drift": {"available": True, "reference_accuracy": ref}}
+    for got, ok in ((same, True), (more, False)):
+        report = {"accuracy": got, "drift": {"available": True, "reference_accuracy": ref}}
         assert gates_mod.evaluate_gates(limits, report)["max_hallucination_rise"]["passed"] is ok

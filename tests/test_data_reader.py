@@ -162,7 +162,7 @@ def test_missing_image_names_list_line(tmp_path, sample_data):
     (tmp_path / f"{stem}_temp.jpg").unlink()
     with pytest.raises(DatasetError, match="not found") as e:
         read_list(tmp_path)
-    assert f"trainval.txt:2:" in str(e.value) and f"{Path(stem).name}_temp.jpg" in str(e.value)
+    assert "trainval.txt:2:" in str(e.value) and f"{Path(stem).name}_temp.jpg" in str(e.value)
 
 
 def test_missing_annotation_file(tmp_path, sample_data):

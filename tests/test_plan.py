@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pcbedge.errors import OutputError, TargetError
-from pcbedge.targets import list_targets, load_target, shipped_names
+from pcbedge.targets import list_targets, load_target
 from pcbedge.targets.profile import parse_profile
 
 onnx = pytest.importorskip("onnx")
