@@ -24,7 +24,7 @@ import numpy as np
 
 from pcbedge.data.deeppcb import DEFECT_TYPES
 from pcbedge.errors import DatasetError, PcbEdgeError
-from pcbedge.geometry import iou_matrix
+from pcbedge.geometry import iou, iou_matrix  # noqa: F401  (the one IoU; iou re-exported)
 
 DEEPPCB_IOU = 0.33
 HALLUCINATION_IOU = 0.1
