@@ -62,8 +62,13 @@ def finalize(a) -> None:
                                    island_ring=ring))
     m.vision.cfg = m.cfg
     _, _, unseen = split_designs(read_list(a.data))
-    logps, correct = calibration_pairs(m, [Board8(b, m.cfg.input_size) for b in unseen], a.seed)
+    boards = [Board8(b, m.cfg.input_size) for b in unseen]
+    had_quality = "quality" in m.calibration
+    logps, correct = calibration_pairs(m, boards, a.seed)
     m.calibration = fit_platt(logps, correct)
+    if had_quality:   # the capture-quality slope sits on top of Platt: refit it after it
+        from pcbedge.families.pcbvlm.model.quality import calibrate_quality
+        calibrate_quality(m, boards, a.seed)
     m.save_pretrained(a.final, extra_generation={"protocol": {
         "setting": [core, support, w, c, overlap, ring, metric], "chosen_on": "unseen-design boards",
         "platt_on": "unseen-design boards", "reports": len(logps)}})
