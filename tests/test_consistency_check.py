@@ -154,6 +154,26 @@ def test_template_island_by_hand():
     assert template_island(torch.from_numpy(x)[None], boxes, 0, 1).tolist()[0][3] is True
 
 
+def test_template_hole_by_hand():
+    """The other colour: a hole of the template inside copper that the board fills is the
+    template's flaw too. A pin-hole of the board in the same copper, a short across a gap
+    between two copper areas, and a template hole near the pour's edge (bare board within the
+    ring): not."""
+    from pcbedge.families.pcbvlm.model.vision import template_island
+    x = np.ones((3, 64, 64), np.float32)
+    x[0:2, 20:60, 4:60] = 0.0                      # a copper pour on both images
+    x[1, 30:33, 30:33] = 1.0                       # a hole of the template only
+    x[0, 45:48, 45:48] = 1.0                       # a pin-hole of the board only
+    x[0:2, 20:60, 20:23] = 1.0                     # a gap splitting the pour on both ...
+    x[0, 40:43, 20:23] = 0.0                       # ... which the board bridges (a short)
+    x[1, 22:24, 8:11] = 1.0                        # a template hole 2 px from the bare edge
+    x[2] = np.abs(x[0] - x[1])
+    boxes = torch.tensor([[[30, 30, 33, 33], [45, 45, 48, 48], [20, 40, 23, 43],
+                           [8, 22, 11, 24]]], dtype=torch.float32)
+    got = template_island(torch.from_numpy(x)[None], boxes, margin=1, ring=4)
+    assert got.tolist() == [[True, False, False, False]]
+
+
 def test_template_island_rule_exports_and_matches_torch(tmp_path):
     """The rule is in the vision graph: parity passes and ONNX Runtime's region scores are gated
     like PyTorch's."""

@@ -155,16 +155,25 @@ def _box_sums(maps, boxes, grow: float):
 
 
 def template_island(x, boxes, margin: int, ring: int):
-    """Per box: True where the box grown by ``margin`` px holds template copper that the test
-    board lacks, no copper the test board adds, and the template has no copper in the ring of
-    ``ring`` px around it: an island of the golden template absent from the board, not a defect
-    of the board. ``x`` [B,3,H,W] (test, template, |diff| in [0, 1]; copper is dark),
-    ``boxes`` [B,K,4] in input pixels -> [B,K] bool."""
+    """Per box: True where the box grown by ``margin`` px holds a speck of the golden template
+    that the board lacks, of either colour, and nothing else: a flaw of the template, not a
+    defect of the board (DeepPCB annotates the board's defects only).
+
+    - dark (copper): template copper that the test board lacks, no copper the test board adds,
+      and no template copper in the ring of ``ring`` px around it (an island of the template);
+    - light: a hole of the template that the test board fills (copper the board adds, none it
+      lacks), with template copper throughout the ring around it.
+
+    ``x`` [B,3,H,W] (test, template, |diff| in [0, 1]; copper is dark), ``boxes`` [B,K,4] in
+    input pixels -> [B,K] bool."""
     test, temp = x[:, 0:1] < 0.5, x[:, 1:2] < 0.5
-    maps = torch.cat([(temp & ~test), (test & ~temp), temp], 1).to(torch.float32)
+    maps = torch.cat([(temp & ~test), (test & ~temp), temp, ~temp], 1).to(torch.float32)
     inner = _box_sums(maps, boxes, margin)
-    outer = _box_sums(maps[:, 2:3], boxes, margin + ring)[..., 0]
-    return (inner[..., 0] > 0) & (inner[..., 1] == 0) & (outer - inner[..., 2] == 0)
+    outer = _box_sums(maps[:, 2:4], boxes, margin + ring) - inner[..., 2:4]
+    lacks, adds = inner[..., 0], inner[..., 1]
+    dark = (lacks > 0) & (adds == 0) & (outer[..., 0] == 0)
+    light = (adds > 0) & (lacks == 0) & (outer[..., 1] == 0)
+    return dark | light
 
 
 class VisionEncoder(nn.Module):
