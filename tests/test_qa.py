@@ -204,3 +204,21 @@ def test_different_seed_different_sequence(split):
 def test_unknown_split_is_refused():
     with pytest.raises(ValueError, match="split must be"):
         QuestionGenerator(split="test")
+
+
+def test_unknown_word_insertion():
+    """One made-up word of 4-7 letters goes between two words; the rest of the question, its
+    numbers and their order are kept; a draw that is a known word is rejected."""
+    import random
+    from pcbedge.data.qa_kinds import insert_unknown_word
+    rng = random.Random(0)
+    q = "what's the defect nearest to x=412, y=230?"
+    for _ in range(200):
+        out = insert_unknown_word(q, rng)
+        words = out.split(" ")
+        assert len(words) == len(q.split(" ")) + 1
+        new = [w for w in words if w not in q.split(" ")]
+        assert len(new) == 1 and new[0].isalpha() and new[0].islower() and 4 <= len(new[0]) <= 7
+        assert [w for w in words if w != new[0]] == q.split(" ")
+    # every draw known: the question is returned unchanged
+    assert insert_unknown_word(q, rng, is_known=lambda w: True) == q

@@ -233,6 +233,24 @@ def add_noise(text: str, rng: random.Random, edits: int = 2) -> str:
     return out
 
 
+def insert_unknown_word(text: str, rng: random.Random, is_known=lambda w: False) -> str:
+    """``text`` with one made-up word (4-7 random letters) put between two of its words, so
+    that training teaches the decoder that word pieces it has no meaning for carry none: a
+    held-out phrasing wraps a known question in words no training phrase uses ("how many faults
+    does it have altogether?"). ``is_known(word)`` rejects a draw that is a real vocabulary word
+    (which could carry meaning: "short"). Digits are never made, so number slots keep their
+    order."""
+    words = text.split(" ")
+    for _ in range(10):
+        w = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(4, 7)))
+        if not is_known(w):
+            break
+    else:
+        return text
+    words.insert(rng.randint(0, len(words)), w)
+    return " ".join(words)
+
+
 def _margin_ok(program: Program, defects: list[dict], size: tuple[int, int], px: float) -> bool:
     """An evaluation question is well posed: no defect centre lies within ``px`` of the scope's
     border (a box error of a pixel or two must not flip the right answer), the nearest defect

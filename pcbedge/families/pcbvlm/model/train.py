@@ -54,6 +54,9 @@ class FinetuneConfig:
     n_dihedral: int = 8
     match_iou: float = 0.3
     word_dropout: float = 0.08
+    # stage B: this share of questions gets one made-up word inserted (qa_kinds.
+    # insert_unknown_word); 0 = off, as for the runs before run 16
+    word_insert: float = 0.0
     threads: int = 2
     init_from: str | None = None  # a saved model folder to start from (e.g. checkpoint_stage_a)
     set_pointer_loss: bool = True  # REGION target = every unreported true region (else: next one)

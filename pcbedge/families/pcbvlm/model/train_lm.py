@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from pcbedge.data.deeppcb import DEFECT_TYPES
 from pcbedge.data.qa import QA, QuestionGenerator
+from pcbedge.data.qa_kinds import insert_unknown_word
 from pcbedge.families.pcbvlm.model.augment import dihedral
 from pcbedge.data.query import Program
 from pcbedge.families.pcbvlm.program import program_visual_tokens
@@ -105,7 +106,11 @@ def make_batch(model, items, rng: random.Random, gen: QuestionGenerator, fc, max
         present = {DEFECT_TYPES[int(t)] for t in it["match"] if t >= 0}
         is_board = rng.random() < fc.p_board if board is None else board
         qa = gen.describe() if is_board else gen.sample_program(present)
-        q, _ = encode_question_numbers(tok, qa.question, max_q)
+        question = qa.question
+        if rng.random() < getattr(fc, "word_insert", 0.0):
+            question = insert_unknown_word(question, rng,
+                                           lambda w: tok.token_to_id(w) is not None)
+        q, _ = encode_question_numbers(tok, question, max_q)
         q = [q[0]] + [unk if rng.random() < fc.word_dropout and t < spec["region_offset"]
                       and t not in spec["program"]["slots"] else t for t in q[1:-1]] + [q[-1]]
         if is_board:
