@@ -3,7 +3,8 @@
     python scripts/make_sample.py [--src ../shared/data/deeppcb] [--dst pcbedge/data/sample]
 
 The sample keeps the DeepPCB layout and holds 64 boards: ``calib.txt`` (16 boards of the project's
-TRAIN part, stratified by dominant defect type so all six types appear), ``bench.txt`` (48 boards
+TRAIN part, of the design split's training designs only (docs/data.md: the reference model
+never saw the held-out designs, so its INT8 ranges must not come from them), stratified by dominant defect type so all six types appear), ``bench.txt`` (48 boards
 of the VALIDATION part, spread over all groups) and ``trainval.txt`` (both). The choice is a pure
 function of the source list, so re-running it gives the same files. The sample is built in a
 temporary folder and renamed into place, so an interrupted run never leaves half a sample.
@@ -19,7 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pcbedge.data.deeppcb import DEFECT_TYPES, Board, read_list, split_trainval  # noqa: E402
+from pcbedge.data.deeppcb import (DEFECT_TYPES, Board, read_list, split_designs,  # noqa: E402
+                                  split_trainval)
 
 N_CALIB = 16
 N_BENCH = 48
@@ -39,7 +41,9 @@ Layout as in DeepPCB: `groupG/N/ID_test.jpg`, `groupG/N/ID_temp.jpg`, `groupG/N_
 (`x1 y1 x2 y2 type` a line). List files (`groupG/N/ID.jpg groupG/N_not/ID.txt` a line):
 
 - `calib.txt`: {n_calib} boards of the project's TRAIN part (`split_trainval` on the full
-  trainval), stratified by dominant defect type, so all six types appear.
+  trainval) and of the design split's five training designs (`split_designs`: no board of
+  `group77000` or `group92000`, the held-out designs), stratified by dominant defect type, so
+  all six types appear.
 - `bench.txt`: {n_bench} boards of the VALIDATION part, spread over all {n_groups} groups.
 - `trainval.txt`: all {n_all} boards of the sample.
 
@@ -114,7 +118,8 @@ def pick_bench(val: list[Board], n: int = N_BENCH) -> list[Board]:
 def write_sample(src: Path, dst: Path) -> dict:
     boards = read_list(src, "trainval.txt")
     train, val = split_trainval(boards)
-    calib, bench = pick_calib(train), pick_bench(val)
+    design_train = set(split_designs(boards)[0])
+    calib, bench = pick_calib([b for b in train if b in design_train]), pick_bench(val)
     order = {b.id: i for i, b in enumerate(boards)}
     every = sorted(set(calib) | set(bench), key=lambda b: order[b.id])
 

@@ -88,6 +88,10 @@ def test_sample_lists_read(sample_data):
     assert not {b.id for b in calib} & {b.id for b in bench}
     assert {d.type for b in calib for d in b.defects} == set(DEFECT_TYPES)
     assert len({b.group for b in bench}) == 7
+    # calibration boards come from the design split's training designs only: the reference
+    # model's INT8 ranges never see a held-out design
+    from pcbedge.data.deeppcb import HELD_OUT_GROUPS
+    assert {b.group for b in calib}.isdisjoint(HELD_OUT_GROUPS)
     assert (sample_data / "LICENSE").is_file() and (sample_data / "README.md").is_file()
 
 
