@@ -138,20 +138,21 @@ def difference_support(diff, boxes, margin: int, core: int = 3):
 
 def _box_sums(maps, boxes, grow: float):
     """Per box and map: the sum of each 0/1 map [B,C,H,W] inside the box grown by ``grow`` px
-    (integral images, exact in float32) -> [B,K,C]."""
-    ii = F.pad(maps.cumsum(2).cumsum(3), (1, 0, 1, 0))      # ii[y, x] = sum of maps[:y, :x]
-    b, c, h1, w1 = ii.shape
-    flat = ii.reshape(b, c, h1 * w1)
-    lo, hi = (boxes - grow).floor(), (boxes + grow).ceil()
-    x1 = lo[..., 0].clamp(0, w1 - 1).to(torch.int64)
-    y1 = lo[..., 1].clamp(0, h1 - 1).to(torch.int64)
-    x2 = hi[..., 2].clamp(0, w1 - 1).to(torch.int64)
-    y2 = hi[..., 3].clamp(0, h1 - 1).to(torch.int64)
+    -> [B,K,C]: pixels x1 <= x < x2, y1 <= y < y2 with x1 = floor(box x1 - grow), x2 = ceil(box
+    x2 + grow), clamped to the image (and likewise in y).
 
-    def at(y, x):
-        idx = (y * w1 + x).unsqueeze(1).expand(b, c, -1)
-        return torch.gather(flat, 2, idx).transpose(1, 2)
-    return at(y2, x2) - at(y1, x2) - at(y2, x1) + at(y1, x1)
+    Two products with 0/1 selection matrices: the columns of every box ([B,W,K]) in one GEMM
+    over the maps' rows, then its rows. Exact in float32 (sums of 0/1 values below 2^24), and
+    a fraction of the cost of integral images (two full-image CumSums per map in ONNX Runtime,
+    10 ms of a 20 ms vision graph on this CPU)."""
+    b, c, h, w = maps.shape
+    lo, hi = (boxes - grow).floor(), (boxes + grow).ceil()
+    xs = torch.arange(w, device=maps.device).to(maps.dtype).reshape(1, w, 1)
+    ys = torch.arange(h, device=maps.device).to(maps.dtype).reshape(1, 1, h)
+    cols = ((xs >= lo[..., 0].unsqueeze(1)) & (xs < hi[..., 2].unsqueeze(1))).to(maps.dtype)
+    rows = ((ys >= lo[..., 1].unsqueeze(2)) & (ys < hi[..., 3].unsqueeze(2))).to(maps.dtype)
+    per_row = torch.matmul(maps.reshape(b, c * h, w), cols).reshape(b, c, h, -1)  # [B,C,H,K]
+    return torch.einsum("bchk,bkh->bkc", per_row, rows)
 
 
 def template_island(x, boxes, margin: int, ring: int):
