@@ -376,3 +376,25 @@ def test_hallucination_gate_counts_hallucinations_not_the_rate():
     for got, ok in ((same, True), (more, False)):
         report = {"accuracy": got, "drift": {"available": True, "reference_accuracy": ref}}
         assert gates_mod.evaluate_gates(limits, report)["max_hallucination_rise"]["passed"] is ok
+
+
+def test_question_drop_gate_resolves_one_question_at_most():
+    """A kind of n questions cannot resolve a limit below 1 / n: on 48 questions one answer
+    lost (2.1 %) passes a 2 % limit, two (4.2 %) fail; on 200 questions the plain 2 % holds."""
+    from pcbedge.benchmarks.gates import evaluate_gates, resolve_limits
+
+    def report(n, lost):
+        acc = {"question_accuracy_by_kind": {"region": (n - 1 - lost) / n, "where": 1.0},
+               "n_region_questions": n, "n_where_questions": n, "deeppcb_map": 0.99}
+        ref = {"question_accuracy_by_kind": {"region": (n - 1) / n, "where": 1.0}}
+        return {"accuracy": acc, "drift": {"available": True, "reference_accuracy": ref},
+                "latency_ms": {"p95": 10.0}}
+
+    limits = resolve_limits(None, {"max_question_drop": 0.02})
+    g = evaluate_gates(limits, report(48, 1))["max_question_drop"]
+    assert g["passed"] is True and abs(g["limit"] - 1 / 48) < 1e-12 and g["profile_limit"] == 0.02
+    assert "region: 48 questions" in g["resolution"]
+    assert evaluate_gates(limits, report(48, 2))["max_question_drop"]["passed"] is False
+    g = evaluate_gates(limits, report(200, 5))["max_question_drop"]
+    assert g["passed"] is False and g["limit"] == 0.02 and "resolution" not in g
+    assert evaluate_gates(limits, report(200, 4))["max_question_drop"]["passed"] is True
