@@ -3,10 +3,11 @@
     python scripts/make_sample.py [--src ../shared/data/deeppcb] [--dst pcbedge/data/sample]
 
 The sample keeps the DeepPCB layout and holds 64 boards: ``calib.txt`` (16 boards of the project's
-TRAIN part, of the design split's training designs only (docs/data.md: the reference model
-never saw the held-out designs, so its INT8 ranges must not come from them), stratified by dominant defect type so all six types appear), ``bench.txt`` (48 boards
-of the VALIDATION part, spread over all groups) and ``trainval.txt`` (both). The choice is a pure
-function of the source list, so re-running it gives the same files. The sample is built in a
+TRAIN part and of the design split's training designs only, since the reference model never saw
+the held-out designs and its INT8 ranges must not come from them; stratified by dominant defect
+type so all six types appear), ``bench.txt`` (48 boards of the VALIDATION part, spread over all
+groups) and ``trainval.txt`` (both). The choice is a pure function of the source list, so
+re-running it gives the same files. The sample is built in a
 temporary folder and renamed into place, so an interrupted run never leaves half a sample.
 """
 from __future__ import annotations

@@ -107,7 +107,7 @@ def make_batch(model, items, rng: random.Random, gen: QuestionGenerator, fc, max
         is_board = rng.random() < fc.p_board if board is None else board
         qa = gen.describe() if is_board else gen.sample_program(present)
         question = qa.question
-        if rng.random() < getattr(fc, "word_insert", 0.0):
+        if fc.word_insert and rng.random() < fc.word_insert:
             question = insert_unknown_word(question, rng,
                                            lambda w: tok.token_to_id(w) is not None)
         q, _ = encode_question_numbers(tok, question, max_q)
