@@ -2,7 +2,8 @@
 
     python scripts/design_protocol.py train OUT [--minutes-a 35] [--minutes-b 30]
         [--resume]                 # continue a killed run from OUT's saved state
-        [--init-from OUT/checkpoint_stage_a]                # stage B only, from a saved stage A
+        [--init-from OUT/checkpoint_stage_a]                # stage B only, from a saved model
+        [--lr-b 3e-4 --p-board 0.3]                         # stage B rate, board-pass share
         [--scale-jitter 0.25 --p-line 0.3 --p-paste 0.5]   # layout augmentation, augment_layout.py
         [--hard-mining 0.5]        # stage A crops on the worst-scored defects, hard_mining.py
     python benchmarks/design_split.py OUT --core 2 --support 0,4,8,14 --prior-center 0.3,0.4,0.5 --folds
@@ -35,7 +36,7 @@ def train(a) -> None:
                         n_dihedral=4, threads=a.threads, split="designs",
                         quality_calibration=False, scale_jitter=a.scale_jitter,
                         p_line=a.p_line, p_paste=a.p_paste, hard_mining=a.hard_mining,
-                        init_from=a.init_from,
+                        init_from=a.init_from, lr_b=a.lr_b, p_board=a.p_board,
                         resume=a.resume)
     if a.init_from:  # resume: stage B from a saved stage A, its log kept beside the new one
         fc = replace(fc, minutes_a=0.0)
@@ -91,11 +92,16 @@ def main(argv=None) -> int:
                    help="layout augmentation: share of crops given 1-2 pasted bank defects")
     t.add_argument("--hard-mining", type=float, default=0.0,
                    help="stage A: share of crops centred on the defects the head scores worst")
+    t.add_argument("--lr-b", type=float, default=1e-3,
+                   help="stage B peak learning rate (3e-4 to continue a trained language side)")
+    t.add_argument("--p-board", type=float, default=0.4,
+                   help="stage B: share of board-pass examples (the rest: question programs)")
     t.add_argument("--resume", action="store_true",
                    help="continue a killed run from OUT's saved state (same options)")
     t.add_argument("--init-from", default=None,
-                   help="resume an interrupted run: its OUT/checkpoint_stage_a; stage A is "
-                        "skipped and stage B trains from it")
+                   help="a model folder (an interrupted run's OUT/checkpoint_stage_a, or a "
+                        "finished model to continue): stage A is skipped and stage B trains "
+                        "from it, on today's vocabulary")
     f = sub.add_parser("finalize")
     f.add_argument("out")
     f.add_argument("final")

@@ -236,6 +236,30 @@ def test_heldout_region_phrases_recombine_known_words():
             assert "[UNK]" not in pieces and not odd, (scope, phrase, pieces)
 
 
+def test_heldout_templates_of_every_kind_use_known_words():
+    # the same rule for the held-out sentence frames (docs/data.md, since 2026-12-03): a frame
+    # is new, its words are not; "overall", "altogether", "close", "plus" once reached the model
+    # spelt letter by letter, and "how many faults does it have altogether?" was read wrong
+    import re
+
+    from pcbedge.data.qa import TEMPLATES
+    from pcbedge.data.qa_kinds import EXTREME, TWO_TYPES
+    from pcbedge.families.pcbvlm.tokenizer import SUFFIXES, build_tokenizer
+    tok = build_tokenizer(vocabulary_corpus(), 4)
+    suffixes = {f"##{s}" for s in SUFFIXES}
+    frames = [t for _tr, ho in TEMPLATES.values() for t in ho] + list(TOTAL[1])
+    frames += list(VERDICT[1]) + list(NEAREST[1]) + [t[1] for t in REGION_TEMPLATES[1]]
+    frames += [t[1] for t in POINT_TEMPLATES[1]] + [t for _i, t in TWO_TYPES[1]]
+    frames += [t for _o, t in EXTREME[1]]
+    corpus = "\n".join(vocabulary_corpus()).lower()
+    for frame in frames:
+        assert frame.lower() not in corpus, frame
+        for word in re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", frame.lower())):
+            pieces = tok.encode(word, add_special_tokens=False).tokens
+            odd = [p for p in pieces if p.startswith("##") and p not in suffixes]
+            assert "[UNK]" not in pieces and not odd, (frame, word, pieces)
+
+
 def test_noise_keeps_numbers_and_changes_letters():
     rng = random.Random(0)
     changed = 0
