@@ -6,6 +6,7 @@
         [--lr-b 3e-4 --p-board 0.3]                         # stage B rate, board-pass share
         [--scale-jitter 0.25 --p-line 0.3 --p-paste 0.5]   # layout augmentation, augment_layout.py
         [--hard-mining 0.5]        # stage A crops on the worst-scored defects, hard_mining.py
+        [--p-noise 0.3 --p-blur 0.3]                        # capture augmentation, augment.py
     python benchmarks/design_split.py OUT --core 2 --support 0,4,8,14 --prior-center 0.3,0.4,0.5 --folds
     python scripts/design_protocol.py finalize OUT FINAL --setting "[2, 0.0, 12.0, 0.3, 0.5]"
 
@@ -32,14 +33,16 @@ DATA = Path(__file__).resolve().parents[2] / "shared/data/deeppcb"
 
 def train(a) -> None:
     from pcbedge.families.pcbvlm.model.train import FinetuneConfig, finetune
+    a.minutes_a_given, a.minutes_a = a.minutes_a, 35.0 if a.minutes_a is None else a.minutes_a
     fc = FinetuneConfig(seed=a.seed, minutes_a=a.minutes_a, minutes_b=a.minutes_b,
                         n_dihedral=4, threads=a.threads, split="designs",
                         quality_calibration=False, scale_jitter=a.scale_jitter,
                         p_line=a.p_line, p_paste=a.p_paste, hard_mining=a.hard_mining,
                         init_from=a.init_from, lr_b=a.lr_b, p_board=a.p_board,
+                        p_noise=a.p_noise, p_blur=a.p_blur, lr_a=a.lr_a,
                         resume=a.resume)
-    if a.init_from:  # resume: stage B from a saved stage A, its log kept beside the new one
-        fc = replace(fc, minutes_a=0.0)
+    if a.init_from:  # from a saved model: stage A only when --minutes-a asks for it
+        fc = replace(fc, minutes_a=a.minutes_a_given or 0.0)
         log = Path(a.out) / "train_log.jsonl"
         if log.exists():
             log.replace(log.with_name("train_log_stage_a.jsonl"))
@@ -64,12 +67,12 @@ def finalize(a) -> None:
     m.vision.cfg = m.cfg
     _, _, unseen = split_designs(read_list(a.data))
     boards = [Board8(b, m.cfg.input_size) for b in unseen]
-    had_quality = "quality" in m.calibration
     logps, correct = calibration_pairs(m, boards, a.seed)
     m.calibration = fit_platt(logps, correct)
-    if had_quality:   # the capture-quality slope sits on top of Platt: refit it after it
-        from pcbedge.families.pcbvlm.model.quality import calibrate_quality
-        calibrate_quality(m, boards, a.seed)
+    # the capture-quality slope (confidence falls on poor captures) sits on top of Platt: fit
+    # it after it, whether or not the trained model had one (the protocol trains without)
+    from pcbedge.families.pcbvlm.model.quality import calibrate_quality
+    calibrate_quality(m, boards, a.seed)
     m.save_pretrained(a.final, extra_generation={"protocol": {
         "setting": [core, support, w, c, overlap, ring, metric], "chosen_on": "unseen-design boards",
         "platt_on": "unseen-design boards", "reports": len(logps)}})
@@ -82,7 +85,8 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train")
     t.add_argument("out")
-    t.add_argument("--minutes-a", type=float, default=35.0)
+    t.add_argument("--minutes-a", type=float, default=None,
+                   help="stage A minutes (default 35; 0 with --init-from unless given)")
     t.add_argument("--minutes-b", type=float, default=30.0)
     t.add_argument("--scale-jitter", type=float, default=0.0,
                    help="layout augmentation: crops scaled by up to 1 +/- this (e.g. 0.25)")
@@ -90,6 +94,12 @@ def main(argv=None) -> int:
                    help="layout augmentation: share of crops with lines 1 px wider or narrower")
     t.add_argument("--p-paste", type=float, default=0.0,
                    help="layout augmentation: share of crops given 1-2 pasted bank defects")
+    t.add_argument("--p-noise", type=float, default=0.0,
+                   help="capture augmentation: share of crops with sensor noise on the test")
+    t.add_argument("--p-blur", type=float, default=0.0,
+                   help="capture augmentation: share of crops with a defocus blur on the test")
+    t.add_argument("--lr-a", type=float, default=2e-3,
+                   help="stage A peak learning rate (lower to continue a trained vision)")
     t.add_argument("--hard-mining", type=float, default=0.0,
                    help="stage A: share of crops centred on the defects the head scores worst")
     t.add_argument("--lr-b", type=float, default=1e-3,

@@ -1,0 +1,53 @@
+"""Capture augmentation: sensor noise and defocus blur on the test image, never the template."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from pcbedge.families.pcbvlm.model.augment import capture_blur, capture_noise
+from pcbedge.families.pcbvlm.model.train import FinetuneConfig, sample_crop
+from tests.test_augment_layout import _board
+
+
+def test_noise_touches_the_test_only_at_the_drawn_sigma():
+    img = np.full((2, 200, 200), 128, np.uint8)
+    for seed in range(6):
+        twin = random.Random(seed)
+        twin.getrandbits(32)                          # capture_noise seeds its field first,
+        want = twin.uniform(0.0, 20.0)                # then draws sigma
+        out = capture_noise(img, random.Random(seed), 20.0)
+        np.testing.assert_array_equal(out[1], img[1])
+        assert out.dtype == np.uint8 and out.shape == img.shape
+        got = float(out[0].astype(np.float32).std())
+        assert abs(got - want) <= 0.05 * want + 0.3, (got, want)
+    np.testing.assert_array_equal(img, 128)               # the input is not modified
+
+
+def test_blur_softens_edges_of_the_test_only():
+    bd = _board()
+    out = capture_blur(bd.img, random.Random(0), 2.0)
+    np.testing.assert_array_equal(out[1], bd.img[1])
+    edge = lambda a: np.abs(np.diff(a.astype(np.int16), axis=0)).max()   # noqa: E731
+    assert edge(out[0]) < edge(bd.img[0]) == 255
+    assert abs(float(out[0].mean()) - float(bd.img[0].mean())) < 2.0  # blurred, not darkened
+
+
+def test_capture_augmentation_keeps_boxes_and_template():
+    bd = _board()
+    for seed in range(10):
+        x0, b0, t0 = sample_crop(random.Random(seed), bd, 128, FinetuneConfig())
+        x1, b1, t1 = sample_crop(random.Random(seed), bd, 128,
+                                 FinetuneConfig(p_noise=1.0, p_blur=1.0))
+        np.testing.assert_array_equal(b0, b1), np.testing.assert_array_equal(t0, t1)
+        np.testing.assert_array_equal(x0[1], x1[1])         # template channel untouched
+        assert not np.array_equal(x0[0], x1[0])             # the test image is degraded
+
+
+def test_capture_augmentation_off_draws_nothing():
+    # a run without it keeps the random stream of every earlier run
+    bd = _board()
+    r0, r1 = random.Random(4), random.Random(4)
+    sample_crop(r0, bd, 128, FinetuneConfig())
+    sample_crop(r1, bd, 128, FinetuneConfig(p_noise=0.0, p_blur=0.0, noise_sigma_max=9.0))
+    assert r0.random() == r1.random()
