@@ -321,6 +321,8 @@ def finetune(data_dir, out_dir, fc: FinetuneConfig = FinetuneConfig(), list_file
             ck["stage_a"].finish()
         if done_b:
             model = PcbVlm.from_pretrained(out / "checkpoint_stage_b")
+        elif fc.minutes_b <= 0:   # a vision-only run: the language side stays as it came
+            pass
         else:
             items = cache_vision(model, train, fc.n_dihedral, fc.match_iou)
             train_decoder(model, items, fc, logf, ck["stage_b"])
