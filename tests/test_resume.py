@@ -133,3 +133,29 @@ def test_finetune_resume_skips_saved_stages_and_refuses_other_settings(tmp_path,
         T.finetune(SAMPLE, out, replace(fc, resume=True, seed=9), list_file=lst)
     assert np.frombuffer(first_a, np.uint8).size > 0 and \
         (out / "checkpoint_stage_a" / "model.safetensors").read_bytes() == first_a
+
+
+def test_vision_only_run_leaves_the_language_side_as_it_came(tmp_path, monkeypatch):
+    # minutes_b = 0 with init_from: stage A continues a saved model's vision, no stage B runs
+    # (nothing cached), and the projector and decoder are the saved model's
+    from pcbedge.families.pcbvlm.model import train as T
+    from pcbedge.families.pcbvlm.model.model import PcbVlm
+    from pcbedge.families.pcbvlm.testing import tiny_pcbvlm_model
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join((SAMPLE / "trainval.txt").read_text().splitlines()[:5]) + "\n")
+    tiny_pcbvlm_model().save_pretrained(tmp_path / "init")
+    start = PcbVlm.from_pretrained(tmp_path / "init")
+
+    def never(*a, **k):
+        raise AssertionError("stage B ran")
+    from pcbedge.families.pcbvlm.model import train_lm
+    monkeypatch.setattr(train_lm, "cache_vision", never)
+    monkeypatch.setattr(train_lm, "train_decoder", never)
+    fc = T.FinetuneConfig(minutes_a=0.01, minutes_b=0.0, batch_a=2, crop=64, n_dihedral=1,
+                          quality_calibration=False, threads=1, init_from=str(tmp_path / "init"))
+    model, _ = T.finetune(SAMPLE, tmp_path / "m", fc, list_file=lst)
+    for name, w in start.projector.state_dict().items():
+        assert torch.equal(w, model.projector.state_dict()[name]), name
+    moved = [n for n, w in start.vision.state_dict().items()
+             if w.is_floating_point() and not torch.equal(w, model.vision.state_dict()[n])]
+    assert moved                                   # stage A did train the vision

@@ -263,8 +263,9 @@ def with_tokenizer(model: PcbVlm, tok) -> PcbVlm:
     for token, i in new.items():
         if i >= text.text_vocab:
             continue  # region pointer tokens: no rows
-        rows = [old[token]] if token in old else \
-            [j for j in old_tok.encode(token, add_special_tokens=False).ids if j < len(old)]
+        n_old = model.cfg.text.text_vocab   # the old rows: pointer tokens have none
+        rows = [old[token]] if token in old and old[token] < n_old else \
+            [j for j in old_tok.encode(token, add_special_tokens=False).ids if j < n_old]
         if not rows:
             continue
         d_new.tok.weight[i] = d_old.tok.weight[rows].mean(0)
@@ -300,8 +301,9 @@ def finetune(data_dir, out_dir, fc: FinetuneConfig = FinetuneConfig(), list_file
     else:
         train_b, val_b = split_trainval(boards)
     if fc.init_from:  # continue from a saved model: its config and weights, today's vocabulary
-        model = with_tokenizer(PcbVlm.from_pretrained(fc.init_from),
-                               build_tokenizer(vocabulary_corpus(), PcbVlmConfig().vision.num_regions))
+        saved = PcbVlm.from_pretrained(fc.init_from)   # its own region-token count, not today's
+        model = with_tokenizer(saved, build_tokenizer(vocabulary_corpus(),
+                                                      saved.cfg.vision.num_regions))
         model.calibration = {"a": 1.0, "b": 0.0}
         cfg = model.cfg
     else:
