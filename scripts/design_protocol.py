@@ -33,16 +33,16 @@ DATA = Path(__file__).resolve().parents[2] / "shared/data/deeppcb"
 
 def train(a) -> None:
     from pcbedge.families.pcbvlm.model.train import FinetuneConfig, finetune
-    a.minutes_a_given, a.minutes_a = a.minutes_a, 35.0 if a.minutes_a is None else a.minutes_a
-    fc = FinetuneConfig(seed=a.seed, minutes_a=a.minutes_a, minutes_b=a.minutes_b,
+    # from a saved model, stage A runs only when --minutes-a asks for it
+    minutes_a = a.minutes_a if a.minutes_a is not None else (0.0 if a.init_from else 35.0)
+    fc = FinetuneConfig(seed=a.seed, minutes_a=minutes_a, minutes_b=a.minutes_b,
                         n_dihedral=4, threads=a.threads, split="designs",
                         quality_calibration=False, scale_jitter=a.scale_jitter,
                         p_line=a.p_line, p_paste=a.p_paste, hard_mining=a.hard_mining,
                         init_from=a.init_from, lr_b=a.lr_b, p_board=a.p_board,
                         p_noise=a.p_noise, p_blur=a.p_blur, lr_a=a.lr_a,
                         resume=a.resume)
-    if a.init_from:  # from a saved model: stage A only when --minutes-a asks for it
-        fc = replace(fc, minutes_a=a.minutes_a_given or 0.0)
+    if a.init_from:  # the saved run's log kept beside the new one
         log = Path(a.out) / "train_log.jsonl"
         if log.exists():
             log.replace(log.with_name("train_log_stage_a.jsonl"))
@@ -110,8 +110,8 @@ def main(argv=None) -> int:
                    help="continue a killed run from OUT's saved state (same options)")
     t.add_argument("--init-from", default=None,
                    help="a model folder (an interrupted run's OUT/checkpoint_stage_a, or a "
-                        "finished model to continue): stage A is skipped and stage B trains "
-                        "from it, on today's vocabulary")
+                        "finished model to continue), moved onto today's vocabulary; stage A "
+                        "is skipped unless --minutes-a is given")
     f = sub.add_parser("finalize")
     f.add_argument("out")
     f.add_argument("final")

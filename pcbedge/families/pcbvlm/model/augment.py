@@ -35,23 +35,22 @@ def crop(img: np.ndarray, boxes: np.ndarray, types: np.ndarray, x0: int, y0: int
     return out, cl[keep], types[keep]
 
 
+
 def capture_noise(img: np.ndarray, rng, sigma_max: float) -> np.ndarray:
-    """Sensor noise on the test image only (channel 0 of a uint8 [2, H, W] pair): Gaussian,
-    sigma drawn uniformly in [0, sigma_max] grey levels, as `pcbedge bench --robustness` adds
-    it to a capture. The template is the golden image and stays clean; boxes do not move."""
-    gen = np.random.default_rng(rng.getrandbits(32))
-    sigma = rng.uniform(0.0, sigma_max)
-    out = img.copy()
-    noisy = out[0].astype(np.float32) + gen.normal(0.0, sigma, out[0].shape).astype(np.float32)
-    out[0] = np.clip(noisy + 0.5, 0, 255).astype(np.uint8)
-    return out
+    """Sensor noise on the test image only (channel 0 of a uint8 [2, H, W] pair): the
+    robustness bench's own degradation (:func:`pcbedge.data.degrade.noise`) at a sigma drawn
+    uniformly in [0, sigma_max] grey levels. The template is the golden image and stays clean;
+    boxes do not move."""
+    from pcbedge.data.degrade import noise
+    seed = rng.getrandbits(32)
+    test, _ = noise(rng.uniform(0.0, sigma_max), seed)(img[0], img[1])
+    return np.stack([test, img[1]])
 
 
 def capture_blur(img: np.ndarray, rng, radius_max: float) -> np.ndarray:
-    """Defocus on the test image only: a Gaussian blur of radius drawn uniformly in
-    [0.3, radius_max] px (Pillow's, as the robustness bench uses); boxes do not move."""
-    from PIL import Image, ImageFilter
-    radius = rng.uniform(0.3, radius_max)
-    out = img.copy()
-    out[0] = np.asarray(Image.fromarray(out[0]).filter(ImageFilter.GaussianBlur(radius=radius)))
-    return out
+    """Defocus on the test image only: the robustness bench's Gaussian blur
+    (:func:`pcbedge.data.degrade.blur`) at a radius drawn uniformly in [0.3, radius_max] px;
+    boxes do not move."""
+    from pcbedge.data.degrade import blur
+    test, _ = blur(rng.uniform(0.3, radius_max))(img[0], img[1])
+    return np.stack([test, img[1]])

@@ -260,10 +260,10 @@ def with_tokenizer(model: PcbVlm, tok) -> PcbVlm:
     fresh.load_state_dict({k: v for k, v in model.state_dict().items() if k not in skip},
                           strict=False)
     d_old, d_new = model.decoder, fresh.decoder
+    n_old = model.cfg.text.text_vocab   # the old rows: pointer tokens have none
     for token, i in new.items():
         if i >= text.text_vocab:
             continue  # region pointer tokens: no rows
-        n_old = model.cfg.text.text_vocab   # the old rows: pointer tokens have none
         rows = [old[token]] if token in old and old[token] < n_old else \
             [j for j in old_tok.encode(token, add_special_tokens=False).ids if j < n_old]
         if not rows:
