@@ -51,3 +51,43 @@ def test_capture_augmentation_off_draws_nothing():
     sample_crop(r0, bd, 128, FinetuneConfig())
     sample_crop(r1, bd, 128, FinetuneConfig(p_noise=0.0, p_blur=0.0, noise_sigma_max=9.0))
     assert r0.random() == r1.random()
+
+
+def test_etch_moves_every_test_edge_and_keeps_visible_defects():
+    from pcbedge.families.pcbvlm.model.augment import capture_etch
+    bd = _board()
+    col = 30  # a trace away from every defect: 3 px in both images
+    widths = set()
+    for seed in range(8):
+        out, b, t = capture_etch(bd.img, bd.boxes, bd.types, random.Random(seed))
+        np.testing.assert_array_equal(out[1], bd.img[1])        # the template is the golden one
+        widths.add(int((out[0, :20, col] > 0).sum()))
+        assert set(t.tolist()) <= {1, 0, 3} and {1, 0} <= set(t.tolist())
+        assert len(b) == len(t)
+    assert widths == {1, 5}                                     # narrower and wider, drawn both
+
+
+def test_etch_drops_the_label_of_a_defect_that_vanishes():
+    from types import SimpleNamespace
+
+    from pcbedge.data.degrade import etch
+    from pcbedge.families.pcbvlm.model.augment import capture_etch
+    bd = _board()
+    darker = SimpleNamespace(choice=lambda seq: 1)   # etch(1): dark grows, bright lines thin
+    out, b, t = capture_etch(bd.img, bd.boxes, bd.types, darker)
+    np.testing.assert_array_equal(out[0], etch(1)(bd.img[0], bd.img[1])[0])
+    assert t.tolist() == [1, 0]                      # the 1-px spur vanished: no label
+    out, b, t = capture_etch(bd.img, bd.boxes, bd.types, SimpleNamespace(choice=lambda seq: -1))
+    assert t.tolist() == [1, 0, 3]
+
+
+def test_etch_off_draws_nothing_and_on_keeps_the_template():
+    bd = _board()
+    r0, r1 = random.Random(4), random.Random(4)
+    sample_crop(r0, bd, 128, FinetuneConfig())
+    sample_crop(r1, bd, 128, FinetuneConfig(p_etch=0.0))
+    assert r0.random() == r1.random()
+    x0, _, _ = sample_crop(random.Random(3), bd, 128, FinetuneConfig())
+    x1, _, _ = sample_crop(random.Random(3), bd, 128, FinetuneConfig(p_etch=1.0))
+    np.testing.assert_array_equal(x0[1], x1[1])
+    assert not np.array_equal(x0[0], x1[0])

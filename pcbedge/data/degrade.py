@@ -61,8 +61,32 @@ def shift(px: int) -> Degrade:
     return apply
 
 
-# What `pcbedge bench --robustness` reports. The first seven are everyday capture faults the
-# shared preprocessing is built to absorb; the "severe" ones are beyond it (a template shift
+def morph3(a: np.ndarray, op) -> np.ndarray:
+    """3x3 max (op=np.maximum) or min (np.minimum) filter over the last two axes, edges kept."""
+    p = np.pad(a, [(0, 0)] * (a.ndim - 2) + [(1, 1), (1, 1)], mode="edge")
+    h, w = a.shape[-2:]
+    out = a.copy()
+    for dy in range(3):
+        for dx in range(3):
+            out = op(out, p[..., dy:dy + h, dx:dx + w])
+    return out
+
+
+def etch(px: int) -> Degrade:
+    """The test board's copper (dark in DeepPCB's images) ``px`` pixels wider on every edge
+    (px > 0, under-etched) or narrower (px < 0, over-etched) than the golden image's: every
+    copper edge of the pair then differs by a 1-px sliver, and no defect was added."""
+    def apply(test, temp):
+        op = np.minimum if px > 0 else np.maximum
+        out = test
+        for _ in range(abs(px)):
+            out = morph3(out, op)
+        return out, temp
+    return apply
+
+
+# What `pcbedge bench --robustness` reports. The first nine are everyday capture and process
+# faults the shared preprocessing and training are built to absorb; the "severe" ones are beyond it (a template shift
 # past the registration search, heavy noise and blur), where accuracy does fall and the
 # confidence must fall with it.
 DEGRADATIONS: dict[str, Degrade] = {
@@ -73,6 +97,8 @@ DEGRADATIONS: dict[str, Degrade] = {
     "contrast_x0.6": affine(0.6, 0.0),
     "template_shift_2px": shift(2),
     "template_shift_4px": shift(4),
+    "etch_wider_1px": etch(1),
+    "etch_narrower_1px": etch(-1),
     "severe_blur_r3": blur(3.0),
     "severe_noise_s40": noise(40.0),
     "severe_template_shift_24px": shift(24),

@@ -54,3 +54,17 @@ def capture_blur(img: np.ndarray, rng, radius_max: float) -> np.ndarray:
     from pcbedge.data.degrade import blur
     test, _ = blur(rng.uniform(0.3, radius_max))(img[0], img[1])
     return np.stack([test, img[1]])
+
+
+def capture_etch(img: np.ndarray, boxes: np.ndarray, types: np.ndarray, rng):
+    """Etching variation: the test board's copper 1 px wider or narrower than the golden
+    image's all over (the robustness bench's :func:`pcbedge.data.degrade.etch`), so every copper
+    edge differs by a sliver that is not a defect. A label is kept only where its defect is
+    still to be seen when both images are etched alike (a hair-thin spur can vanish)."""
+    from pcbedge.data.degrade import etch
+    from pcbedge.families.pcbvlm.model.augment_layout import still_different
+    f = etch(rng.choice((-1, 1)))
+    test, _ = f(img[0], img[1])
+    both = np.stack([test, f(img[1], img[1])[0]])
+    b, t = still_different(both, boxes, types)
+    return np.stack([test, img[1]]), b, t

@@ -10,6 +10,7 @@ import random
 import numpy as np
 from PIL import Image
 
+from pcbedge.data.degrade import morph3
 from pcbedge.families.pcbvlm.model.augment import dihedral
 
 
@@ -24,24 +25,14 @@ def scale_pair(img: np.ndarray, boxes: np.ndarray, s: float) -> tuple[np.ndarray
     return out, b.reshape(-1, 4)
 
 
-def _shift_reduce(a: np.ndarray, op) -> np.ndarray:
-    """3x3 max (op=np.maximum) or min (np.minimum) filter over the last two axes, edges kept."""
-    p = np.pad(a, [(0, 0)] * (a.ndim - 2) + [(1, 1), (1, 1)], mode="edge")
-    h, w = a.shape[-2:]
-    out = a.copy()
-    for dy in range(3):
-        for dx in range(3):
-            out = op(out, p[..., dy:dy + h, dx:dx + w])
-    return out
-
-
 def line_width(img: np.ndarray, delta: int) -> np.ndarray:
-    """Copper (bright) lines made ``delta`` pixels wider on each side (dilation, delta > 0) or
-    narrower (erosion, delta < 0), on both images alike: a design drawn with other widths."""
+    """Bright areas grown by ``delta`` pixels on each side (delta > 0) or shrunk (delta < 0),
+    on both images alike: a design drawn with other line widths (DeepPCB's copper is dark, so
+    delta > 0 narrows it; the draw is symmetric)."""
     op = np.maximum if delta > 0 else np.minimum
     out = img
     for _ in range(abs(delta)):
-        out = _shift_reduce(out, op)
+        out = morph3(out, op)
     return out
 
 

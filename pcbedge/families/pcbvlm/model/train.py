@@ -25,7 +25,8 @@ from pcbedge.data.align import align_pair
 from pcbedge.errors import DatasetError
 from pcbedge.data.preprocess import pair_to_input, read_gray, resize_u8
 from pcbedge.data.qa import vocabulary_corpus
-from pcbedge.families.pcbvlm.model.augment import capture_blur, capture_noise, crop, dihedral
+from pcbedge.families.pcbvlm.model.augment import (capture_blur, capture_etch, capture_noise, crop,
+                                                   dihedral)
 from pcbedge.families.pcbvlm.model.augment_layout import (DefectBank, line_width, paste_defects,
                                                           scale_pair, still_different)
 from pcbedge.families.pcbvlm.model.config import PcbVlmConfig, TextConfig
@@ -78,6 +79,9 @@ class FinetuneConfig:
     noise_sigma_max: float = 20.0
     p_blur: float = 0.0
     blur_radius_max: float = 2.0
+    # etching variation (augment.py): the test image's copper 1 px wider or narrower than the
+    # template's all over, in a p_etch share of crops (labels a uniform edge sliver as no defect)
+    p_etch: float = 0.0
     # stage A: this share of crops is centred on a training defect drawn in proportion to how
     # badly the head still scores it (hard_mining.py); 0 = off (every crop drawn as before)
     hard_mining: float = 0.0
@@ -152,7 +156,9 @@ def _crop(rng, bd, size, fc, bank, defect):
         b, t = still_different(out, b, t)
     if bank is not None and fc is not None and rng.random() < fc.p_paste:
         out, b, t = paste_defects(out, b, t, bank, rng, rng.randint(1, 2))
-    if fc is not None and fc.p_noise > 0 and rng.random() < fc.p_noise:  # no draw when off
+    if fc is not None and fc.p_etch > 0 and rng.random() < fc.p_etch:  # no draw when off
+        out, b, t = capture_etch(out, b, t, rng)
+    if fc is not None and fc.p_noise > 0 and rng.random() < fc.p_noise:
         out = capture_noise(out, rng, fc.noise_sigma_max)
     if fc is not None and fc.p_blur > 0 and rng.random() < fc.p_blur:
         out = capture_blur(out, rng, fc.blur_radius_max)
