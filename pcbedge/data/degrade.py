@@ -86,9 +86,9 @@ def etch(px: int) -> Degrade:
 
 
 # What `pcbedge bench --robustness` reports. The first nine are everyday capture and process
-# faults the shared preprocessing and training are built to absorb; the "severe" ones are beyond it (a template shift
-# past the registration search, heavy noise and blur), where accuracy does fall and the
-# confidence must fall with it.
+# faults the shared preprocessing and training are built to absorb; the "severe" ones are
+# beyond it (a template shift past the registration search, heavy noise and blur), where
+# accuracy does fall and the confidence must fall with it.
 DEGRADATIONS: dict[str, Degrade] = {
     "gaussian_blur_r1.5": blur(1.5),
     "gaussian_noise_s12": noise(12.0),

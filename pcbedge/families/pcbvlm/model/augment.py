@@ -35,7 +35,6 @@ def crop(img: np.ndarray, boxes: np.ndarray, types: np.ndarray, x0: int, y0: int
     return out, cl[keep], types[keep]
 
 
-
 def capture_noise(img: np.ndarray, rng, sigma_max: float) -> np.ndarray:
     """Sensor noise on the test image only (channel 0 of a uint8 [2, H, W] pair): the
     robustness bench's own degradation (:func:`pcbedge.data.degrade.noise`) at a sigma drawn
@@ -65,6 +64,7 @@ def capture_etch(img: np.ndarray, boxes: np.ndarray, types: np.ndarray, rng):
     from pcbedge.families.pcbvlm.model.augment_layout import still_different
     f = etch(rng.choice((-1, 1)))
     test, _ = f(img[0], img[1])
-    both = np.stack([test, f(img[1], img[1])[0]])
+    temp_etched, _ = f(img[1], img[1])        # the template etched the same way, for the labels
+    both = np.stack([test, temp_etched])
     b, t = still_different(both, boxes, types)
     return np.stack([test, img[1]]), b, t
