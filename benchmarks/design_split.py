@@ -12,7 +12,9 @@ every combination of the decode-time settings given, so a grid costs little more
 
 - ``--support`` / ``--core``: the template-consistency check's threshold and erosion size
   (``vision.min_support`` / ``support_core``), applied to the ungated proposal scores exactly as
-  the vision graph does, and ``--island``: the template-island rule's ring (``vision.island_ring``,
+  the vision graph does; ``--shift`` / ``--shift-min``: its tolerance of local misregistration
+  (``vision.shift_tolerance`` in px, 0 = off, / ``shift_min_support``, counted on
+  ``--shift-crop`` px squares), appended to each setting as (..., shift, shift min); ``--island``: the template-island rule's ring (``vision.island_ring``,
   0 = off; settings print as (core, support, prior weight, centre, overlap, ring));
 - ``--prior-weight`` / ``--prior-center`` / ``--overlap``: the grammar's evidence vote and overlap
   limit (config.json's ``region_prior_*`` / ``region_overlap_max``), and
@@ -47,7 +49,8 @@ from pcbedge.benchmarks import metrics as M
 from pcbedge.data.deeppcb import read_list, split_designs
 from pcbedge.data.preprocess import load_pair
 from pcbedge.families.pcbvlm.model.model import PcbVlm
-from pcbedge.families.pcbvlm.model.vision import difference_support, template_island
+from pcbedge.families.pcbvlm.model.vision import (difference_support, shift_tolerant_support,
+                                                  template_island)
 
 
 def floats(s: str) -> list[float]:
@@ -65,11 +68,12 @@ def figures(gts: list, preds: list) -> dict:
 
 
 def encode_all(model: PcbVlm, boards, margin: int, cores: list[int],
-               rings: list[int] = (0,)) -> list[dict]:
+               rings: list[int] = (0,), shifts: list[int] = (0,), crop: int = 48,
+               step: int = 1) -> list[dict]:
     out = []
-    gate, ring0 = model.cfg.vision.min_support, model.cfg.vision.island_ring
-    model.vision.cfg = replace(model.vision.cfg, vision=replace(model.cfg.vision, min_support=0.0,
-                                                                island_ring=0))
+    v0 = model.cfg.vision
+    model.vision.cfg = replace(model.vision.cfg, vision=replace(v0, min_support=0.0,
+                                                                island_ring=0, shift_tolerance=0))
     for b in tqdm(boards, desc="encoding", unit="board"):
         x, meta = load_pair(b.test_path, b.template_path, model.cfg.input_size)
         xt = torch.from_numpy(x).unsqueeze(0)
@@ -79,17 +83,23 @@ def encode_all(model: PcbVlm, boards, margin: int, cores: list[int],
                        for k in cores}
             island = {r: template_island(xt, enc["region_boxes"], margin, r) for r in rings
                       if r > 0}
+            shifted = {(k, r): shift_tolerant_support(xt, enc["region_boxes"], margin, k, r, crop,
+                                                      step)
+                       for k in cores for r in shifts if r > 0}
         out.append({"board": b, "enc": enc, "meta": meta, "support": support, "island": island,
+                    "shifted": shifted,
                     "gt": [{"type": d.type, "bbox": list(d.bbox)} for d in b.defects]})
-    model.vision.cfg = replace(model.vision.cfg, vision=replace(model.cfg.vision, min_support=gate,
-                                                                island_ring=ring0))
+    model.vision.cfg = replace(model.vision.cfg, vision=v0)
     return out
 
 
 def describe(model: PcbVlm, item: dict, core: int, min_support: float,
-             ring: int = 0) -> list[dict]:
+             ring: int = 0, shift: int = 0, shift_min: float = 0.0) -> list[dict]:
     enc = dict(item["enc"])
     enc["region_scores"] = enc["region_scores"] * (item["support"][core] >= min_support).float()
+    if shift > 0:
+        enc["region_scores"] = enc["region_scores"] * (item["shifted"][core, shift]
+                                                       >= shift_min).float()
     if ring > 0:
         enc["region_scores"] = enc["region_scores"] * (~item["island"][ring]).float()
     question = model.spec["canonical_question"]
@@ -103,10 +113,10 @@ def grid_run(model: PcbVlm, items: list[dict], grid: list[tuple]) -> dict:
     base = model.cfg
     preds: dict[tuple, list] = {}
     for setting in tqdm(grid, desc="settings", unit="setting"):
-        k, s, w, c, o, r, metric = setting
+        k, s, w, c, o, r, metric, *shift = setting
         model.cfg = replace(base, region_prior_weight=w, region_prior_center=c,
                             region_overlap_max=o, region_overlap_metric=metric)
-        preds[setting] = [describe(model, it, k, s, r) for it in items]
+        preds[setting] = [describe(model, it, k, s, r, *shift) for it in items]
     model.cfg = base
     return preds
 
@@ -144,6 +154,15 @@ def main(argv=None) -> int:
                     help="template-island rule ring widths (vision.island_ring), 0 = off")
     ap.add_argument("--overlap-metric", type=lambda v: v.split(","), default=None,
                     help="what the overlap limit measures: iou, iomin or both (iou,iomin)")
+    ap.add_argument("--shift", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                    help="the check's misregistration tolerance in px (vision.shift_tolerance), "
+                         "e.g. 0,1,2; 0 = off")
+    ap.add_argument("--shift-min", type=floats, default=None,
+                    help="pixels that must survive every shift (vision.shift_min_support)")
+    ap.add_argument("--shift-crop", type=int, default=None,
+                    help="side of the square the shifted check counts on (vision.shift_crop)")
+    ap.add_argument("--shift-step", type=int, default=None,
+                    help="try only shifts that are multiples of this (vision.shift_step)")
     ap.add_argument("--folds", action="store_true")
     ap.add_argument("--limit", type=int, default=0, help="every n-th board only (quick look)")
     ap.add_argument("--json", type=Path)
@@ -159,6 +178,13 @@ def main(argv=None) -> int:
                                   a.prior_center or [cfg.region_prior_center],
                                   a.overlap or [cfg.region_overlap_max], a.island,
                                   a.overlap_metric or [cfg.region_overlap_metric]))
+    if a.shift is not None or cfg.vision.shift_tolerance > 0:   # (..., shift, shift min)
+        shifts = a.shift if a.shift is not None else [cfg.vision.shift_tolerance]
+        grid = [g + (r, m) for g in grid for r in shifts
+                for m in (a.shift_min or [cfg.vision.shift_min_support])]
+    a.shifts = sorted({g[7] for g in grid if len(g) > 7 and g[7] > 0})
+    a.crop = a.shift_crop or cfg.vision.shift_crop
+    a.step = a.shift_step or cfg.vision.shift_step
     if a.list:
         return score_list(model, a, margin, cores, grid)
     _, seen, unseen = split_designs(read_list(a.data))
@@ -166,7 +192,7 @@ def main(argv=None) -> int:
         seen, unseen = seen[::a.limit], unseen[::a.limit]
     result = {"model": str(a.model), "support_margin": margin, "settings": {}}
     for name, boards in (("unseen", unseen), ("seen", seen)):
-        items = encode_all(model, boards, margin, cores, a.island)
+        items = encode_all(model, boards, margin, cores, a.island, a.shifts, a.crop, a.step)
         for setting, p in grid_run(model, items, grid).items():
             result["settings"].setdefault(str(setting), {})[name] = report(items, p)
     rows = {s: r["unseen"] for s, r in result["settings"].items()}
@@ -197,7 +223,7 @@ def main(argv=None) -> int:
 
 def score_list(model: PcbVlm, a, margin: int, cores: list[int], grid: list[tuple]) -> int:
     boards = read_list(a.data, a.list)[::a.limit or 1]
-    items = encode_all(model, boards, margin, cores, a.island)
+    items = encode_all(model, boards, margin, cores, a.island, a.shifts, a.crop, a.step)
     result = {"model": str(a.model), "list": str(a.list), "support_margin": margin,
               "settings": {str(s): {"listed": report(items, p)}
                            for s, p in grid_run(model, items, grid).items()}}

@@ -63,7 +63,9 @@ def finalize(a) -> None:
                     region_overlap_max=overlap, region_overlap_metric=metric,
                     region_confidence="margin",
                     vision=replace(m.cfg.vision, min_support=support, support_core=int(core),
-                                   island_ring=ring))
+                                   island_ring=ring, shift_tolerance=a.shift_tolerance,
+                                   shift_min_support=a.shift_min_support,
+                                   shift_crop=a.shift_crop, shift_step=a.shift_step))
     m.vision.cfg = m.cfg
     _, _, unseen = split_designs(read_list(a.data))
     boards = [Board8(b, m.cfg.input_size) for b in unseen]
@@ -75,6 +77,9 @@ def finalize(a) -> None:
     calibrate_quality(m, boards, a.seed)
     m.save_pretrained(a.final, extra_generation={"protocol": {
         "setting": [core, support, w, c, overlap, ring, metric], "chosen_on": "unseen-design boards",
+        "shift_check": {"tolerance": a.shift_tolerance, "min_support": a.shift_min_support,
+                        "crop": a.shift_crop, "step": a.shift_step,
+                        "ties_broken_on": "train boards"},
         "platt_on": "unseen-design boards", "reports": len(logps)}})
     print(f"{a.final}: Platt {m.calibration} on {len(logps)} reports")
 
@@ -120,6 +125,14 @@ def main(argv=None) -> int:
     f.add_argument("--setting", required=True,
                    help="JSON [core, support, w, c, overlap] or [..., island ring] or "
                         "[..., island ring, overlap metric]")
+    f.add_argument("--shift-tolerance", type=int, default=0,
+                   help="the check's tolerance of local misregistration in px (0 = off)")
+    f.add_argument("--shift-min-support", type=float, default=2.0,
+                   help="pixels of difference that must survive every shift")
+    f.add_argument("--shift-step", type=int, default=1,
+                   help="try the shifts that are multiples of this (2: -2, 0, 2 for 2 px)")
+    f.add_argument("--shift-crop", type=int, default=48,
+                   help="side of the square around each box the shifted check counts on")
     for p in (t, f):
         p.add_argument("--data", default=str(DATA))
         p.add_argument("--seed", type=int, default=0)

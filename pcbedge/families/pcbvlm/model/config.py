@@ -30,6 +30,14 @@ class VisionConfig:
     min_support: float = 0.0
     support_margin: int = 2
     support_core: int = 2
+    # the check made tolerant of local misregistration (vision.shift_tolerant_support): a
+    # proposal also needs shift_min_support differing pixels (same erosion, same grown box)
+    # under every shift of the template by up to shift_tolerance px in steps of shift_step px,
+    # counted on the shift_crop px square around the box's centre. 0 = off.
+    shift_tolerance: int = 0
+    shift_min_support: float = 2.0
+    shift_crop: int = 48
+    shift_step: int = 1
     # the template-island rule (vision.template_island): a proposal whose box (grown by
     # support_margin) holds copper of the template that the test board lacks, no copper the
     # test adds, and no template copper in the ring of island_ring px around it is an island
@@ -73,6 +81,15 @@ class PcbVlmConfig:
         if self.region_overlap_metric not in OVERLAP_METRICS:
             raise ModelError(f"config region_overlap_metric is {self.region_overlap_metric!r}",
                              fix=f"use one of {', '.join(OVERLAP_METRICS)}")
+        v = self.vision
+        if v.shift_tolerance < 0 or v.shift_step < 1 or (
+                v.shift_tolerance > 0 and not 4 <= v.shift_crop <= self.input_size - v.support_core):
+            raise ModelError(f"config vision.shift_tolerance {v.shift_tolerance} with shift_crop "
+                             f"{v.shift_crop}, shift_step {v.shift_step} at input_size "
+                             f"{self.input_size}",
+                             fix="use shift_tolerance 0 (off) or a small shift (1-2 px), a "
+                                 "shift_step of 1 or more, and a shift_crop of at least 4 px and "
+                                 "below the input size")
 
     def to_dict(self) -> dict:
         return asdict(self)

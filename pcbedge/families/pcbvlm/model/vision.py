@@ -136,6 +136,60 @@ def difference_support(diff, boxes, margin: int, core: int = 3):
     return _box_sums(d, boxes, margin)[..., 0]
 
 
+def shift_tolerant_support(x, boxes, margin: int, core: int, shift: int, crop: int,
+                           step: int = 1):
+    """Per box: the fewest differing pixels (in ``core`` x ``core`` patches that differ
+    throughout, as :func:`difference_support` counts them) that any shift of the template by up
+    to ``shift`` px in x and y leaves inside the box grown by ``margin`` px: a difference that a
+    small local misregistration explains (a sliver along a copper edge, 2-3 px wide where the
+    board is locally a pixel or two off) counts nothing at its best shift; a defect counts at
+    every shift. With ``step`` > 1 only the shifts that are multiples of it are tried (-2, 0, 2
+    for ``shift`` 2, ``step`` 2): after a core-2 erosion a residual of 1 px counts nothing, so
+    every 1-3 px translation still meets a shift that leaves no counted sliver.
+
+    Counted on the ``crop`` x ``crop`` square around each box's centre (kept inside the image):
+    exact for a box whose grown window fits the square, the window's central part for a larger
+    one. ``x`` [B,3,H,W] (test, template, |diff|; copper is dark, H and W at least ``crop`` +
+    ``core``), ``boxes`` [B,K,4] in input pixels -> [B,K] float counts. The crops are gathered
+    from the flattened images with indices clamped to the image (beyond it, both images repeat
+    their edge pixels), so the cost is K crops x (2 ``shift`` + 1)^2 shifts, not the whole board
+    per shift."""
+    b, _, h, w = x.shape
+    k = boxes.shape[1]
+    n_t = crop + core - 1                     # test crop side (the erosion reads core - 1 more)
+    n_p = n_t + 2 * shift                     # template crop side (every shift in reach)
+    H = torch.scalar_tensor(h, dtype=torch.float32)
+    W = torch.scalar_tensor(w, dtype=torch.float32)
+    cx = ((boxes[..., 0] + boxes[..., 2]) * 0.5).floor()
+    cy = ((boxes[..., 1] + boxes[..., 3]) * 0.5).floor()
+    qx = torch.minimum(torch.clamp(cx - crop // 2, min=0), W - crop)      # [B,K] crop corner
+    qy = torch.minimum(torch.clamp(cy - crop // 2, min=0), H - crop)
+    reach = torch.arange(n_p, dtype=torch.float32, device=x.device) - shift
+    ys = torch.minimum(torch.clamp(qy.unsqueeze(-1) + reach, min=0), H - 1)      # [B,K,n_p]
+    xs = torch.minimum(torch.clamp(qx.unsqueeze(-1) + reach, min=0), W - 1)
+    flat = (ys.unsqueeze(-1) * W + xs.unsqueeze(-2)).to(torch.int64).reshape(b, 1, -1)
+    copper = (x[:, 0:2] < 0.5).to(torch.float32).reshape(b, 2, h * w)
+    crops = torch.gather(copper, 2, flat.expand(b, 2, flat.shape[2]))
+    crops = crops.reshape(b, 2, k, n_p, n_p).transpose(1, 2).reshape(b * k, 2, n_p, n_p)
+    test = crops[:, 0:1, shift:shift + n_t, shift:shift + n_t]
+    temp = crops[:, 1]
+    offsets = range(-shift, shift + 1, step) if step > 1 else range(-shift, shift + 1)
+    views = torch.stack([temp[:, shift + dy:shift + dy + n_t, shift + dx:shift + dx + n_t]
+                         for dy in offsets for dx in offsets], 1)
+    d = (views - test).abs()                                              # [BK,S,n_t,n_t] 0/1
+    if core > 1:   # the erosion: a patch's mean is exactly 1 only where all of it differs
+        d = F.avg_pool2d(d, core, 1).floor()                              # [BK,S,crop,crop]
+    # the window (the box grown by margin, as _box_sums counts it) within the crop: a row and
+    # a column selector, summed by two small products
+    at = torch.arange(crop, dtype=torch.float32, device=x.device)
+    gx, gy = qx.unsqueeze(-1) + at, qy.unsqueeze(-1) + at                 # [B,K,crop]
+    lo, hi = (boxes - margin).floor(), (boxes + margin).ceil()
+    in_x = ((gx >= lo[..., 0:1]) & (gx < hi[..., 2:3])).to(torch.float32).reshape(b * k, 1, crop, 1)
+    in_y = ((gy >= lo[..., 1:2]) & (gy < hi[..., 3:4])).to(torch.float32).reshape(b * k, 1, 1, crop)
+    sums = torch.matmul(in_y, torch.matmul(d, in_x))                      # [BK,S,1,1]
+    return sums.reshape(b * k, -1).amin(1).reshape(b, k)
+
+
 def _box_sums(maps, boxes, grow: float):
     """Per box and map: the sum of each 0/1 map [B,C,H,W] inside the box grown by ``grow`` px
     -> [B,K,C]: pixels x1 <= x < x2, y1 <= y < y2 with x1 = floor(box x1 - grow), x2 = ceil(box
@@ -239,6 +293,13 @@ class VisionEncoder(nn.Module):
             support = difference_support(x[:, 2:3], boxes, self.cfg.vision.support_margin,
                                          self.cfg.vision.support_core)
             scores = scores * (support >= self.cfg.vision.min_support).to(scores.dtype)
+        if self.cfg.vision.shift_tolerance > 0:
+            # the check, tolerant of local misregistration: the difference must survive every
+            # shift of the template by up to shift_tolerance px (shift_min_support pixels)
+            v = self.cfg.vision
+            kept = shift_tolerant_support(x, boxes, v.support_margin, v.support_core,
+                                          v.shift_tolerance, v.shift_crop, v.shift_step)
+            scores = scores * (kept >= v.shift_min_support).to(scores.dtype)
         if self.cfg.vision.island_ring > 0:
             # the template-island rule: template copper missing from the board, isolated on the
             # template, is the template's flaw; the proposal scores 0 (grammar never reports it)
