@@ -73,7 +73,21 @@ def test_estimate_on_the_int8_graph_and_no_proposal_in_band(export, tmp_path, sa
     est = estimate_score_bias(export / "vision.onnx", q, _feeds(), (0.0, 1.0))
     assert est["matched"] > 0 and abs(est["offset"]) < 1.0 and est["stderr"] is not None
     empty = estimate_score_bias(export / "vision.onnx", q, _feeds(), (2.0, 3.0))
-    assert empty == {"offset": 0.0, "stderr": None, "matched": 0, "views": 3, "band": [2.0, 3.0]}
+    assert empty == {"offset": 0.0, "stderr": None, "matched": 0, "gated": 0, "views": 3,
+                     "band": [2.0, 3.0]}
+
+
+def test_proposals_an_in_graph_rule_zeroed_are_left_out():
+    """A matched proposal the INT8 graph scored exactly 0 (a consistency check flipped by a box
+    moved a pixel) is counted as gated, not as a logit of -inf in the mean."""
+    from pcbedge.families.pcbvlm.score_bias import matched_logit_diffs
+    rb = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], np.float32)
+    rs = np.array([0.5, 0.6, 0.9], np.float32)
+    qb = rb + 0.5
+    qs = np.array([0.55, 0.0, 0.9], np.float32)
+    diffs, gated = matched_logit_diffs(rs, rb, qs, qb, (0.3, 0.7))
+    assert gated == 1 and len(diffs) == 1
+    assert diffs[0] == pytest.approx(math.log(0.55 / 0.45), abs=1e-5)
 
 
 def test_heat_logit_conv_must_be_unique(export):

@@ -102,7 +102,8 @@ def correct_score_bias(graph: Path, reference: Path, manifest: dict, profile, ca
     conv = fold_score_offset(graph, est["offset"])
     say(f"  score bias: int8 scored fp32's proposals {est['offset']:+.4f} logit "
         f"(+- {est['stderr']:.4f}, {est['matched']} matched, {len(held)} held-out boards x 8 "
-        f"views); subtracted from {conv}'s bias")
+        f"views, {est['gated']} zeroed by an in-graph rule left out); subtracted from {conv}'s "
+        "bias")
     return {**record, "applied": True, "conv": conv}
 
 

@@ -64,24 +64,36 @@ def estimate_score_bias(reference: str | Path, quantized: str | Path, feeds: Ite
     ref = ort.InferenceSession(str(reference), opts, providers=["CPUExecutionProvider"])
     qnt = ort.InferenceSession(str(quantized), opts, providers=["CPUExecutionProvider"])
     names = ["region_scores", "region_boxes"]
-    lo, hi = band
     diffs: list[float] = []
-    views = 0
+    views = gated = 0
     for feed in feeds:
         (rs, rb), (qs, qb) = ref.run(names, feed), qnt.run(names, feed)
-        rs, rb, qs, qb = rs[0], rb[0], qs[0], qb[0]
+        d, g = matched_logit_diffs(rs[0], rb[0], qs[0], qb[0], band)
+        diffs += d
+        gated += g
         views += 1
-        live = np.flatnonzero((rs >= lo) & (rs <= hi))
-        if not live.size:
-            continue
-        iou = iou_matrix(rb[live], qb)
-        best = iou.argmax(1)
-        ok = iou[np.arange(live.size), best] >= MATCH_IOU
-        diffs += list((_logit(qs[best]) - _logit(rs[live]))[ok])
     d = np.asarray(diffs)
     return {"offset": float(d.mean()) if d.size else 0.0,
             "stderr": float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else None,
-            "matched": int(d.size), "views": views, "band": [lo, hi]}
+            "matched": int(d.size), "gated": gated, "views": views, "band": list(band)}
+
+
+def matched_logit_diffs(rs, rb, qs, qb, band: tuple[float, float]) -> tuple[list[float], int]:
+    """One view: INT8-minus-FP32 logits of the FP32 proposals scored within ``band`` and matched
+    (IoU >= MATCH_IOU) by an INT8 proposal, and how many matches were left out because the INT8
+    graph scored them exactly 0. A score of exactly 0 is an in-graph rule's verdict (the
+    template-consistency check, the island rule), not the heatmap's: a box moved a pixel by
+    INT8 can fall on the other side of such a rule, and one such logit (-inf, clipped) would
+    swamp the mean the correction is after."""
+    lo, hi = band
+    live = np.flatnonzero((rs >= lo) & (rs <= hi))
+    if not live.size:
+        return [], 0
+    iou = iou_matrix(rb[live], qb)
+    best = iou.argmax(1)
+    near = iou[np.arange(live.size), best] >= MATCH_IOU
+    kept = near & (qs[best] > 0)
+    return list((_logit(qs[best]) - _logit(rs[live]))[kept]), int((near & ~kept).sum())
 
 
 def heat_logit_conv(model):
