@@ -115,7 +115,8 @@ def _misregistered(seed: int) -> np.ndarray:
 
 def test_gate_zeroes_unsupported_scores_and_exports(tmp_path):
     """In the vision graph: scores gated exactly by the support, region tokens untouched; the
-    graph exports, passes parity, and ONNX Runtime gates like PyTorch."""
+    graph exports, passes parity, ONNX Runtime gates like PyTorch, and TensorRT's parser rules
+    find no blocker."""
     from pcbedge.families.pcbvlm.model.model import PcbVlm
     from pcbedge.families.pcbvlm.runner import PcbVlmOnnxRunner
     free, tol = _tolerant_model(0), _tolerant_model(2)
@@ -139,6 +140,11 @@ def test_gate_zeroes_unsupported_scores_and_exports(tmp_path):
         np.testing.assert_allclose(enc.outputs["region_scores"], ec["region_scores"].numpy(),
                                    atol=1e-5)
     assert gated > 0 and kept > 0
+    # the check's ops (GatherElements, Slice, AveragePool, Floor, ReduceMin, ...) are ops that
+    # TensorRT 10's parser takes: no blocker for the GPU targets
+    from pcbedge.recipes.trt_ops import check_graph
+    assert [v for v in check_graph(tmp_path / "b" / "vision.onnx", "vision")
+            if v["severity"] == "blocker"] == []
 
 
 @pytest.mark.parametrize("shift,crop,step", [(-1, 48, 1), (2, 2, 1), (2, 127, 1), (2, 48, 0)])
