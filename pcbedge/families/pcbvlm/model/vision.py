@@ -168,12 +168,13 @@ def shift_tolerant_support(x, boxes, margin: int, core: int, shift: int, crop: i
     ys = torch.minimum(torch.clamp(qy.unsqueeze(-1) + reach, min=0), H - 1)      # [B,K,n_p]
     xs = torch.minimum(torch.clamp(qx.unsqueeze(-1) + reach, min=0), W - 1)
     flat = (ys.unsqueeze(-1) * W + xs.unsqueeze(-2)).to(torch.int64).reshape(b, 1, -1)
-    copper = (x[:, 0:2] < 0.5).to(torch.float32).reshape(b, 2, h * w)
-    crops = torch.gather(copper, 2, flat.expand(b, 2, flat.shape[2]))
+    # gather the grey crops, then threshold: copper is decided on the crops only, not the board
+    crops = torch.gather(x[:, 0:2].reshape(b, 2, h * w), 2, flat.expand(b, 2, flat.shape[2]))
+    crops = (crops < 0.5).to(torch.float32)
     crops = crops.reshape(b, 2, k, n_p, n_p).transpose(1, 2).reshape(b * k, 2, n_p, n_p)
     test = crops[:, 0:1, shift:shift + n_t, shift:shift + n_t]
     temp = crops[:, 1]
-    offsets = range(-shift, shift + 1, step) if step > 1 else range(-shift, shift + 1)
+    offsets = range(-shift, shift + 1, step)
     views = torch.stack([temp[:, shift + dy:shift + dy + n_t, shift + dx:shift + dx + n_t]
                          for dy in offsets for dx in offsets], 1)
     d = (views - test).abs()                                              # [BK,S,n_t,n_t] 0/1
