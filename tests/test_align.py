@@ -98,3 +98,21 @@ def test_load_pair_on_the_sample_keeps_most_clean_pairs_unmoved(sample_data):
         if (q.shift_x, q.shift_y) == (0, 0):
             assert np.allclose(x[0], read_gray(b.test_path) / 255.0, atol=1e-6)
     assert moved <= len(boards) // 4
+
+
+def test_dct2_is_the_orthonormal_2d_dct_of_each_block():
+    """The block DCT of the damage check, against the definition, batched and not."""
+    from pcbedge.data.align import dct2
+    rng = np.random.default_rng(3)
+    blocks = rng.integers(-255, 256, size=(5, 8, 8)).astype(np.int16)
+    n = np.arange(8)
+    a = np.where(n[:, None] == 0, np.sqrt(1 / 8), np.sqrt(2 / 8))
+    basis = a * np.cos(np.pi * (2 * n[None, :] + 1) * n[:, None] / 16)     # [k, n]
+    want = np.einsum("un,bnm,vm->buv", basis, blocks.astype(np.float64), basis)
+    got = dct2(blocks)
+    assert got.dtype == np.float32 and got.shape == (5, 8, 8)
+    np.testing.assert_allclose(got, want, atol=2e-3)
+    np.testing.assert_allclose(dct2(blocks[2]), want[2], atol=2e-3)
+    # orthonormal: energy is kept (Parseval)
+    np.testing.assert_allclose((got.astype(np.float64) ** 2).sum((1, 2)),
+                               (blocks.astype(np.float64) ** 2).sum((1, 2)), rtol=1e-5)

@@ -183,6 +183,17 @@ OFFSET_MIN, OFFSET_MAX = 4, 192   # grey levels of a constant offset worth testi
 _DCT = np.cos(np.pi * (2 * np.arange(8)[None, :] + 1) * np.arange(8)[:, None] / 16) * 0.5
 _DCT[0] /= np.sqrt(2.0)
 _DCT = _DCT.astype(np.float32)          # orthonormal 8-point DCT-II
+
+
+def dct2(blocks: np.ndarray) -> np.ndarray:
+    """2-D DCT-II of 8x8 blocks [..., 8, 8] (any integer or float dtype) -> float32.
+
+    The products run with floating-point warnings off: some BLAS builds (aarch64 numpy wheels
+    under Debian's arm64 userland, macOS Accelerate: numpy issues 28687 and 29820) leave stale
+    divide/overflow/invalid flags after a correct matmul, which numpy reports as RuntimeWarnings
+    on every board. The inputs here are bounded integer differences, so the result is finite."""
+    with np.errstate(all="ignore"):
+        return _DCT @ blocks.astype(np.float32) @ _DCT.T
 _HIGH = np.add.outer(np.arange(8), np.arange(8)) >= 3     # frequencies a damaged block shows
 PATTERN_AMPLITUDE = 400.0   # one DCT coefficient of the difference (full-scale is 2040)
 PATTERN_SHARE = 0.42        # of the block difference's energy in that one coefficient
@@ -301,7 +312,7 @@ def _pattern_block(test: np.ndarray, template: np.ndarray, bh: int, bw: int,
     cand = np.stack(np.divmod(np.flatnonzero(big), bw), 1)
     e = test[:bh * BLOCK, :bw * BLOCK].astype(np.int16) - template[:bh * BLOCK, :bw * BLOCK]
     eb = e.reshape(bh, BLOCK, bw, BLOCK).transpose(0, 2, 1, 3)
-    c = _DCT @ eb[cand[:, 0], cand[:, 1]].astype(np.float32) @ _DCT.T
+    c = dct2(eb[cand[:, 0], cand[:, 1]])
     energy = (c * c).reshape(len(c), 64)
     high = np.where(_HIGH.ravel(), energy, 0.0)
     j = high.argmax(1)
@@ -310,7 +321,7 @@ def _pattern_block(test: np.ndarray, template: np.ndarray, bh: int, bw: int,
     for i in np.flatnonzero(strong)[np.argsort(-top[strong])]:
         by, bx = cand[i]
         u, v = divmod(int(j[i]), 8)
-        neighbours = [abs(float((_DCT @ eb[y, x].astype(np.float32) @ _DCT.T)[u, v]))
+        neighbours = [abs(float(dct2(eb[y, x])[u, v]))
                       for y, x in ((by - 1, bx), (by + 1, bx), (by, bx - 1), (by, bx + 1))
                       if 0 <= y < bh and 0 <= x < bw]
         if max(neighbours, default=0.0) <= PATTERN_ISOLATION * float(np.sqrt(top[i])):
