@@ -220,17 +220,15 @@ _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 def texts_agree(t: str, u: str, box_tol: float, conf_tol: float) -> bool:
     """The same words, and every printed number within what the tolerances allow once printed:
     a decimal (a confidence, two places) within ``conf_tol`` + 0.01, an integer (a box edge in
-    pixels) within ``box_tol`` + 1 (a tolerance of 0 asks for the same number). Floating-point kernels of two instruction sets may put a
-    value on either side of a rounding boundary (confidence 0.985 prints 0.99 or 0.98, a box
-    edge 520.5 prints 520 or 521); a count or a type that differs is caught by the defect lists,
-    which are compared exactly."""
+    pixels) within ``box_tol`` + 1; a tolerance of 0 asks for the same number. Floating-point
+    kernels of two instruction sets may put a value on either side of a rounding boundary
+    (confidence 0.985 prints 0.99 or 0.98, a box edge 520.5 prints 520 or 521); a count or a
+    type that differs is caught by the defect lists, which are compared exactly."""
     if _NUMBER.split(t) != _NUMBER.split(u):
         return False
     for x, y in zip(_NUMBER.findall(t), _NUMBER.findall(u)):
-        step = 0.01 if "." in x + y else 1.0       # the printed resolution
-        tol = conf_tol if "." in x + y else box_tol
-        tol = tol + step if tol > 0 else 0.0     # equal values print alike
-        if abs(float(x) - float(y)) > tol + 1e-9:
+        tol, step = (conf_tol, 0.01) if "." in x + y else (box_tol, 1.0)   # printed resolution
+        if abs(float(x) - float(y)) > (tol + step if tol > 0 else 0.0) + 1e-9:
             return False
     return True
 

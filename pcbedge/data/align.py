@@ -184,6 +184,11 @@ _DCT = np.cos(np.pi * (2 * np.arange(8)[None, :] + 1) * np.arange(8)[:, None] / 
 _DCT[0] /= np.sqrt(2.0)
 _DCT = _DCT.astype(np.float32)          # orthonormal 8-point DCT-II
 
+_HIGH = np.add.outer(np.arange(8), np.arange(8)) >= 3     # frequencies a damaged block shows
+PATTERN_AMPLITUDE = 400.0   # one DCT coefficient of the difference (full-scale is 2040)
+PATTERN_SHARE = 0.42        # of the block difference's energy in that one coefficient
+PATTERN_ISOLATION = 0.35    # the neighbours' same coefficient stays under this fraction
+
 
 def dct2(blocks: np.ndarray) -> np.ndarray:
     """2-D DCT-II of 8x8 blocks [..., 8, 8] (any integer or float dtype) -> float32.
@@ -194,10 +199,6 @@ def dct2(blocks: np.ndarray) -> np.ndarray:
     on every board. The inputs here are bounded integer differences, so the result is finite."""
     with np.errstate(all="ignore"):
         return _DCT @ blocks.astype(np.float32) @ _DCT.T
-_HIGH = np.add.outer(np.arange(8), np.arange(8)) >= 3     # frequencies a damaged block shows
-PATTERN_AMPLITUDE = 400.0   # one DCT coefficient of the difference (full-scale is 2040)
-PATTERN_SHARE = 0.42        # of the block difference's energy in that one coefficient
-PATTERN_ISOLATION = 0.35    # the neighbours' same coefficient stays under this fraction
 
 
 def _blocks(a: np.ndarray, bh: int, bw: int, step: int = 1) -> np.ndarray:
