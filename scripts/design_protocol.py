@@ -6,7 +6,7 @@
         [--lr-b 3e-4 --p-board 0.3]                         # stage B rate, board-pass share
         [--scale-jitter 0.25 --p-line 0.3 --p-paste 0.5]   # layout augmentation, augment_layout.py
         [--hard-mining 0.5]        # stage A crops on the worst-scored defects, hard_mining.py
-        [--p-noise 0.3 --p-blur 0.3 --p-etch 0.3]           # capture augmentation, augment.py
+        [--p-noise 0.3 --p-blur 0.3 --p-etch 0.3 --p-etch-local 0.3]   # capture augmentation
     python benchmarks/design_split.py OUT --core 2 --support 0,4,8,14 --prior-center 0.3,0.4,0.5 --folds
     python scripts/design_protocol.py finalize OUT FINAL --setting "[2, 0.0, 12.0, 0.3, 0.5]"
 
@@ -40,7 +40,8 @@ def train(a) -> None:
                         quality_calibration=False, scale_jitter=a.scale_jitter,
                         p_line=a.p_line, p_paste=a.p_paste, hard_mining=a.hard_mining,
                         init_from=a.init_from, lr_b=a.lr_b, p_board=a.p_board,
-                        p_noise=a.p_noise, p_blur=a.p_blur, p_etch=a.p_etch, lr_a=a.lr_a,
+                        p_noise=a.p_noise, p_blur=a.p_blur, p_etch=a.p_etch,
+                        p_etch_local=a.p_etch_local, lr_a=a.lr_a,
                         resume=a.resume)
     if a.init_from:  # the saved run's log kept beside the new one
         log = Path(a.out) / "train_log.jsonl"
@@ -105,6 +106,9 @@ def main(argv=None) -> int:
                    help="capture augmentation: share of crops with a defocus blur on the test")
     t.add_argument("--p-etch", type=float, default=0.0,
                    help="capture augmentation: share of crops whose test copper is 1 px off")
+    t.add_argument("--p-etch-local", type=float, default=0.0,
+                   help="capture augmentation: share of crops with one window's test copper "
+                        "1-2 px wider or narrower")
     t.add_argument("--lr-a", type=float, default=2e-3,
                    help="stage A peak learning rate (lower to continue a trained vision)")
     t.add_argument("--hard-mining", type=float, default=0.0,

@@ -91,3 +91,66 @@ def test_etch_off_draws_nothing_and_on_keeps_the_template():
     x1, _, _ = sample_crop(random.Random(3), bd, 128, FinetuneConfig(p_etch=1.0))
     np.testing.assert_array_equal(x0[1], x1[1])
     assert not np.array_equal(x0[0], x1[0])
+
+
+def _changed_window(a: np.ndarray, b: np.ndarray):
+    ys, xs = np.nonzero(a != b)
+    return ys.min(), ys.max(), xs.min(), xs.max()
+
+
+def test_local_etch_changes_one_window_of_the_test_only():
+    from pcbedge.data.degrade import etch
+    from pcbedge.families.pcbvlm.model.augment import capture_etch_local
+    bd = _board()
+    amounts = set()
+    for seed in range(12):
+        out, b, t = capture_etch_local(bd.img, bd.boxes, bd.types, random.Random(seed))
+        np.testing.assert_array_equal(out[1], bd.img[1])          # the golden image untouched
+        y0, y1, x0, x1 = _changed_window(out[0], bd.img[0])
+        assert y1 - y0 < 128 and x1 - x0 < 128                    # inside one window
+        # what changed is a global etch of the board, cut to that window
+        for px in (-2, -1, 1, 2):
+            e = etch(px)(bd.img[0], bd.img[1])[0]
+            if np.array_equal(out[0][y0:y1 + 1, x0:x1 + 1], e[y0:y1 + 1, x0:x1 + 1]):
+                amounts.add(px)
+                break
+        else:
+            raise AssertionError(f"seed {seed}: the window is not an etch of 1-2 px")
+        outside = np.ones(out[0].shape, bool)
+        outside[y0:y1 + 1, x0:x1 + 1] = False
+        np.testing.assert_array_equal(out[0][outside], bd.img[0][outside])
+        assert len(b) == len(t) and set(t.tolist()) <= {0, 1, 3} and {0, 1} <= set(t.tolist())
+    assert {-1, 1} <= {a // abs(a) * 1 for a in amounts}           # wider and narrower drawn
+
+
+def test_local_etch_drops_a_label_only_where_the_defect_vanishes():
+    from pcbedge.families.pcbvlm.model.augment import capture_etch_local
+    bd = _board()
+    dropped = kept = 0
+    for seed in range(400):
+        out, b, t = capture_etch_local(bd.img, bd.boxes, bd.types, random.Random(seed))
+        y0, y1, x0, x1 = _changed_window(out[0], bd.img[0])
+        spur_in = y0 <= 150 and y1 >= 159 and x0 <= 60 <= x1
+        if 3 not in t.tolist():
+            dropped += 1
+            assert spur_in                  # only an etch that reaches the 1-px spur removes it
+        elif spur_in:
+            kept += 1                       # a wider etch keeps it
+    assert dropped and kept
+
+
+def test_local_etch_off_draws_nothing_and_a_blank_crop_is_left_as_it_is():
+    from pcbedge.families.pcbvlm.model.augment import capture_etch_local
+    bd = _board()
+    r0, r1 = random.Random(4), random.Random(4)
+    sample_crop(r0, bd, 128, FinetuneConfig())
+    sample_crop(r1, bd, 128, FinetuneConfig(p_etch_local=0.0))
+    assert r0.random() == r1.random()
+    x0, b0, _ = sample_crop(random.Random(3), bd, 128, FinetuneConfig())
+    x1, b1, _ = sample_crop(random.Random(3), bd, 128, FinetuneConfig(p_etch_local=1.0))
+    np.testing.assert_array_equal(x0[1], x1[1])
+    assert not np.array_equal(x0[0], x1[0])
+    blank = np.zeros((2, 64, 64), np.uint8)                # no copper edge: nothing to etch
+    out, b, t = capture_etch_local(blank, np.zeros((0, 4), np.float32),
+                                   np.zeros(0, np.int64), random.Random(0))
+    np.testing.assert_array_equal(out, blank)

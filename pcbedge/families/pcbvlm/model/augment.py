@@ -68,3 +68,30 @@ def capture_etch(img: np.ndarray, boxes: np.ndarray, types: np.ndarray, rng):
     both = np.stack([test, temp_etched])
     b, t = still_different(both, boxes, types)
     return np.stack([test, img[1]]), b, t
+
+
+def capture_etch_local(img: np.ndarray, boxes: np.ndarray, types: np.ndarray, rng,
+                       px_max: int = 2, side_min: int = 32, side_max: int = 128):
+    """Local etching variation: inside one window (a square of side_min..side_max px, anywhere
+    in the crop) the test board's copper is 1..px_max px wider or narrower than the golden
+    image's, as one trace segment etched unevenly: both edges of the copper there differ by a
+    sliver, which no shift of the template explains and which is not a defect. A label is kept
+    only where its defect is still to be seen when both images are etched alike there."""
+    from pcbedge.data.degrade import etch
+    from pcbedge.families.pcbvlm.model.augment_layout import still_different
+    h, w = img.shape[-2:]
+    f = etch(rng.choice((-1, 1)) * rng.randint(1, px_max))
+    etched = f(img[0], img[1])[0]       # on the whole image, so the window's border reads its
+    ys, xs = np.nonzero(etched != img[0])   # neighbours as they are; centred on a copper edge
+    if not len(ys):
+        return img, boxes, types
+    i = rng.randrange(len(ys))
+    side = min(h, w, rng.randint(side_min, side_max))
+    x0 = min(max(int(xs[i]) - side // 2, 0), w - side)
+    y0 = min(max(int(ys[i]) - side // 2, 0), h - side)
+    window = (slice(y0, y0 + side), slice(x0, x0 + side))
+    test, temp_etched = img[0].copy(), img[1].copy()
+    test[window] = etched[window]
+    temp_etched[window] = f(img[1], img[1])[0][window]
+    b, t = still_different(np.stack([test, temp_etched]), boxes, types)
+    return np.stack([test, img[1]]), b, t

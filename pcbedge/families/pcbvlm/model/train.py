@@ -25,7 +25,8 @@ from pcbedge.data.align import align_pair
 from pcbedge.errors import DatasetError
 from pcbedge.data.preprocess import pair_to_input, read_gray, resize_u8
 from pcbedge.data.qa import vocabulary_corpus
-from pcbedge.families.pcbvlm.model.augment import (capture_blur, capture_etch, capture_noise, crop,
+from pcbedge.families.pcbvlm.model.augment import (capture_blur, capture_etch,
+                                                   capture_etch_local, capture_noise, crop,
                                                    dihedral)
 from pcbedge.families.pcbvlm.model.augment_layout import (DefectBank, line_width, paste_defects,
                                                           scale_pair, still_different)
@@ -82,6 +83,10 @@ class FinetuneConfig:
     # etching variation (augment.py): the test image's copper 1 px wider or narrower than the
     # template's all over, in a p_etch share of crops (labels a uniform edge sliver as no defect)
     p_etch: float = 0.0
+    # local etching variation (augment.py): inside one window of the crop the test copper is
+    # 1-2 px wider or narrower than the template's (one unevenly etched segment), in a
+    # p_etch_local share of crops; 0 = off, as for the runs before run 19
+    p_etch_local: float = 0.0
     # stage A: this share of crops is centred on a training defect drawn in proportion to how
     # badly the head still scores it (hard_mining.py); 0 = off (every crop drawn as before)
     hard_mining: float = 0.0
@@ -158,6 +163,8 @@ def _crop(rng, bd, size, fc, bank, defect):
         out, b, t = paste_defects(out, b, t, bank, rng, rng.randint(1, 2))
     if fc is not None and fc.p_etch > 0 and rng.random() < fc.p_etch:  # no draw when off
         out, b, t = capture_etch(out, b, t, rng)
+    if fc is not None and fc.p_etch_local > 0 and rng.random() < fc.p_etch_local:
+        out, b, t = capture_etch_local(out, b, t, rng)
     if fc is not None and fc.p_noise > 0 and rng.random() < fc.p_noise:
         out = capture_noise(out, rng, fc.noise_sigma_max)
     if fc is not None and fc.p_blur > 0 and rng.random() < fc.p_blur:
