@@ -72,11 +72,12 @@ def capture_etch(img: np.ndarray, boxes: np.ndarray, types: np.ndarray, rng):
 
 def capture_etch_local(img: np.ndarray, boxes: np.ndarray, types: np.ndarray, rng,
                        px_max: int = 2, side_min: int = 32, side_max: int = 128):
-    """Local etching variation: inside one window (a square of side_min..side_max px, anywhere
-    in the crop) the test board's copper is 1..px_max px wider or narrower than the golden
-    image's, as one trace segment etched unevenly: both edges of the copper there differ by a
-    sliver, which no shift of the template explains and which is not a defect. A label is kept
-    only where its defect is still to be seen when both images are etched alike there."""
+    """Local etching variation: inside one window (a square of side_min..side_max px centred on
+    a copper edge, kept inside the crop) the test board's copper is 1..px_max px wider or
+    narrower than the golden image's, as one trace segment etched unevenly: both edges of the
+    copper there differ by a sliver, which no shift of the template explains and which is not a
+    defect. A label is kept only where its defect is still to be seen when both images are
+    etched alike there. A crop with no copper edge is returned as it is."""
     from pcbedge.data.degrade import etch
     from pcbedge.families.pcbvlm.model.augment_layout import still_different
     h, w = img.shape[-2:]
